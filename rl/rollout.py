@@ -1,0 +1,142 @@
+"""The rollout engine: sample images with the SDE sampler and keep what the update needs.
+
+Model-agnostic (it talks to a models.base.Policy) and rank-agnostic: the caller says which global
+samples to draw. Every sample's initial noise and SDE noise come from its own generator, seeded
+by (seed, epoch, global sample index), so an image does not depend on the batch or the rank it
+was drawn in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rl.sde import SDEStep, flow_sde_step, ode_step
+
+
+@dataclass
+class Rollout:
+    sample_ids: torch.Tensor  # [B] global sample index within the epoch
+    group_ids: torch.Tensor  # [B] group (prompt) index within the epoch
+    prompt_rows: torch.Tensor  # [B] row of the epoch's conditioning this sample uses
+    latents: torch.Tensor  # [B, T, ...] state before each trained step, float32
+    next_latents: torch.Tensor  # [B, T, ...] state after each trained step, float32
+    log_probs: torch.Tensor  # [B, T] log-prob of each trained transition when sampled
+    images: torch.Tensor  # [B, H, W, 3] uint8, CPU
+    step_indices: list[int]  # [T] sampling-step index of each trained step
+    sigmas: torch.Tensor  # [num_steps + 1] the schedule used
+
+    def __len__(self) -> int:
+        return int(self.sample_ids.shape[0])
+
+
+def sample_seed(seed: int, epoch: int, sample_id: int, stream: int = 0) -> int:
+    """A 63-bit seed for one sample, independent across (seed, epoch, sample, stream)."""
+    state = np.random.SeedSequence([seed, epoch, sample_id, stream]).generate_state(2, dtype=np.uint64)
+    return int(state[0] & np.uint64(2**63 - 1))
+
+
+@dataclass
+class SDESettings:
+    dynamics: str
+    noise_level: float
+
+
+def transition(
+    policy,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    sigma_max: torch.Tensor,
+    cond,
+    guidance_scale: float,
+    sde: SDESettings,
+    *,
+    prev_sample: torch.Tensor | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    network=None,
+) -> SDEStep:
+    """One stochastic step of the policy. Sampling and training both call this, with the same
+    batch shapes, so that the first inner step is exactly on-policy."""
+    batch = latents.shape[0]
+    velocity = policy.velocity(latents, sigma.expand(batch), cond, guidance_scale, network=network)
+    return flow_sde_step(
+        velocity, latents, sigma, sigma_next,
+        noise_level=sde.noise_level, sigma_max=sigma_max, prev_sample=prev_sample,
+        generator=list(generators) if generators is not None else None, dynamics=sde.dynamics,
+    )
+
+
+@torch.no_grad()
+def rollout(
+    policy,
+    cond,
+    prompt_rows: torch.Tensor,
+    sample_ids: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    seed: int,
+    epoch: int,
+    num_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int,
+    sde: SDESettings,
+    sde_steps: Sequence[int],
+    progress: bool = False,
+    desc: str = "rollout",
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+) -> Rollout:
+    """Sample len(sample_ids) images in batches of batch_size.
+
+    cond: the policy's conditioning for the epoch's unique prompts; prompt_rows picks each
+    sample's row. Steps in sde_steps are stochastic and recorded; the others are ODE steps.
+    With sde_steps empty this is the deterministic ODE sampler used for evaluation.
+    on_batch(first_index, images) is called as soon as a batch is decoded, so rewards can be
+    scored while the next batch samples.
+    """
+    sigmas = policy.sigmas(num_steps).to(policy.device)
+    sde_set = set(int(i) for i in sde_steps)
+    step_indices = sorted(sde_set)
+    out_latents, out_next, out_logp, out_images = [], [], [], []
+    count = int(sample_ids.shape[0])
+    for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress, leave=False):
+        ids = sample_ids[start : start + batch_size]
+        rows = prompt_rows[start : start + batch_size]
+        batch_cond = cond.take(rows)
+        generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, epoch, int(i))) for i in ids]
+        x = policy.initial_noise(generators, resolution, batch_cond)
+        before, after, logps = [], [], []
+        for i in range(num_steps):
+            if i in sde_set:
+                step = transition(policy, x, sigmas[i], sigmas[i + 1], sigmas[1], batch_cond, guidance_scale, sde, generators=generators)
+                before.append(x)
+                after.append(step.prev_sample)
+                logps.append(step.log_prob)
+                x = step.prev_sample
+            else:
+                v = policy.velocity(x, sigmas[i].expand(x.shape[0]), batch_cond, guidance_scale)
+                x = ode_step(v, x, sigmas[i], sigmas[i + 1])
+        out_images.append(policy.decode(x, batch_cond))
+        if on_batch is not None:
+            on_batch(start, out_images[-1])
+        if step_indices:
+            out_latents.append(torch.stack(before, dim=1))
+            out_next.append(torch.stack(after, dim=1))
+            out_logp.append(torch.stack(logps, dim=1))
+    empty = torch.empty(count, 0)
+    return Rollout(
+        sample_ids=sample_ids,
+        group_ids=group_ids,
+        prompt_rows=prompt_rows,
+        latents=torch.cat(out_latents) if out_latents else empty,
+        next_latents=torch.cat(out_next) if out_next else empty,
+        log_probs=torch.cat(out_logp) if out_logp else empty,
+        images=torch.cat(out_images),
+        step_indices=step_indices,
+        sigmas=sigmas,
+    )

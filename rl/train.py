@@ -1,0 +1,502 @@
+"""Flow-GRPO training: sample groups, score them, normalise advantages over all ranks, update.
+
+    python -m rl.train configs/tiny_cpu.yaml [key=value ...]
+    accelerate launch --config_file launch/accelerate/zero2.yaml -m rl.train configs/sd35m_pickscore.yaml
+
+Both are the same program. This module is the only place that knows about ranks, accelerate,
+DeepSpeed and the tracker; the math it calls (rl.sde, rl.advantages, rl.loss) is pure.
+
+Layout of an epoch. N = sample.num_groups * sample.group_size samples, numbered by a seeded
+permutation into N positions; positions are split into train.num_minibatches global minibatches
+of M = N / num_minibatches, and each rank owns a contiguous 1/world_size of every minibatch.
+A sample's noise is seeded by its global index, so for the same config every world size draws the
+same images, forms the same minibatches and, up to float summation order, takes the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rl.advantages import group_advantages
+from rl.config import ConfigError, RunConfig, load_config, to_dict
+from rl.data import draw_prompt_indices, read_prompts
+from rl.loss import grpo_step_loss
+from rl.rollout import Rollout, SDESettings, rollout, transition
+from rl.sde import kl_scale, sde_step_indices
+
+EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
+
+
+def num_trained_steps(config: RunConfig) -> int:
+    """Trained steps per sample; fixed for a run so gradient accumulation is fixed too."""
+    sde = config.sde
+    return len(sde_step_indices(config.sample.num_steps, sde.window, steps=sde.steps, window_size=sde.window_size, window_range=sde.window_range))
+
+
+@dataclass
+class EpochLayout:
+    world_size: int
+    num_samples: int  # N, all ranks
+    group_size: int
+    num_minibatches: int
+    per_rank: int  # n = N / world_size
+    minibatch_size: int  # M, all ranks
+    per_rank_minibatch: int  # m = M / world_size
+    microbatches_per_minibatch: int  # m / train.batch_size
+    trained_steps: int  # T
+    grad_accum_steps: int  # backward calls per optimizer step on one rank
+
+    @classmethod
+    def build(cls, config: RunConfig, world_size: int) -> "EpochLayout":
+        s, t = config.sample, config.train
+        total = s.num_groups * s.group_size
+        where = f"sample.num_groups * sample.group_size = {s.num_groups} * {s.group_size} = {total} samples"
+        if total % world_size:
+            raise ConfigError(f"{where} cannot be split over {world_size} ranks; make it a multiple of {world_size}")
+        if total % t.num_minibatches or (total // t.num_minibatches) % world_size:
+            raise ConfigError(
+                f"{where} must split into train.num_minibatches = {t.num_minibatches} minibatches, "
+                f"each divisible by {world_size} ranks"
+            )
+        per_rank, m = total // world_size, total // t.num_minibatches // world_size
+        if per_rank % s.batch_size:
+            raise ConfigError(f"{per_rank} samples per rank are not a multiple of sample.batch_size = {s.batch_size}")
+        if m % t.batch_size:
+            raise ConfigError(
+                f"each rank's share of a minibatch ({m} samples) is not a multiple of train.batch_size = {t.batch_size}"
+            )
+        steps = num_trained_steps(config)
+        return cls(world_size, total, s.group_size, t.num_minibatches, per_rank, total // t.num_minibatches, m, m // t.batch_size, steps, (m // t.batch_size) * steps)
+
+    def rank_positions(self, rank: int) -> list[int]:
+        return [
+            k * self.minibatch_size + rank * self.per_rank_minibatch + i
+            for k in range(self.num_minibatches)
+            for i in range(self.per_rank_minibatch)
+        ]
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_samples} samples per epoch ({self.num_samples // self.group_size} groups x {self.group_size}) "
+            f"over {self.world_size} rank(s): {self.per_rank} per rank; {self.num_minibatches} optimizer steps per inner epoch "
+            f"of {self.minibatch_size} samples x {self.trained_steps} trained steps "
+            f"({self.grad_accum_steps} backward passes per rank per step)"
+        )
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
+    return torch.Generator().manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
+        from diffusers.optimization import get_scheduler
+
+        from models import build_policy
+        from rewards.runner import RewardRunner
+        from rl import checkpoint
+
+        self.config = config
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.layout = EpochLayout.build(config, world_size)
+        # Rewards and prompt files are checked before any model loads.
+        self.rewards = RewardRunner(config.rewards, config.reward_mix)
+        self.prompts = read_prompts(config.data.train_prompts)
+        self.eval_prompts = read_prompts(config.data.eval_prompts)[: config.eval.num_prompts] if config.data.eval_prompts else []
+
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.model.adapter != "sd3")]
+        if world_size > 1 and not torch.cuda.is_available():
+            # Without an explicit gloo backend every CPU rank believes it is rank 0 of 1.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        self.accelerator = Accelerator(gradient_accumulation_steps=self.layout.grad_accum_steps, kwargs_handlers=handlers)
+        acc = self.accelerator
+        if acc.num_processes != world_size:
+            raise RuntimeError(f"WORLD_SIZE={world_size} but accelerate started {acc.num_processes} processes")
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            self._configure_deepspeed()
+        # The same seed on every rank: LoRA initialisation must not depend on the world size.
+        set_seed(config.seed)
+
+        self.policy = build_policy(config.model, acc.device, needs_reference=config.train.beta > 0)
+        params = self.policy.trainable_parameters()
+        t = config.train
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+        self.policy.transformer, self.optimizer = acc.prepare(self.policy.transformer, optimizer)
+        total_steps = config.num_epochs * t.inner_epochs * t.num_minibatches
+        # Stepped by hand once per optimizer step: a prepared scheduler would step once per rank.
+        self.scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self.ema = None
+        if t.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.policy.trainable_parameters(), decay=t.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        checkpoint.register_hooks(acc)
+        self.checkpoint = checkpoint
+
+        self.start_epoch, self.global_step = 1, 0
+        resume_epoch = None
+        if config.resume:
+            state = checkpoint.load_checkpoint(acc, self.policy, config.resume)
+            self.start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+            resume_epoch = state["epoch"]
+        from rl.tracking import NullTracker, Tracker
+
+        self.tracker = (
+            Tracker(config.run_dir, mode=config.log.wandb_mode, project=config.log.project, run_name=config.log.run_name, config=to_dict(config), resume_epoch=resume_epoch)
+            if acc.is_main_process
+            else NullTracker()
+        )
+        self.sde = SDESettings(config.sde.dynamics, config.sde.noise_level)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.show = config.log.progress and acc.is_main_process
+        acc.print(f"trustgrpo: {self.layout.describe()}")
+        if resume_epoch is not None:
+            acc.print(f"trustgrpo: resumed {config.resume} after epoch {resume_epoch}")
+
+    def _configure_deepspeed(self) -> None:
+        """Batch sizes, accumulation and gradient clipping are set here, once, from the config.
+        Under DeepSpeed clipping is the engine's job (accelerate's clip_grad_norm_ does nothing)."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        clip = ds.get("gradient_clipping", "auto")
+        if clip not in ("auto", None) and float(clip) != self.config.train.max_grad_norm:
+            raise ConfigError(
+                f"DeepSpeed config sets gradient_clipping={clip} but train.max_grad_norm={self.config.train.max_grad_norm}; "
+                "set gradient_clipping to auto in the launch config"
+            )
+        ds["gradient_clipping"] = self.config.train.max_grad_norm
+        ds["train_micro_batch_size_per_gpu"] = self.config.train.batch_size
+        ds["gradient_accumulation_steps"] = self.layout.grad_accum_steps
+        ds["train_batch_size"] = self.config.train.batch_size * self.layout.grad_accum_steps * self.layout.world_size
+        if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and self.config.train.ema:
+            raise ConfigError("train.ema is not supported with ZeRO-3 (weights are partitioned); set train.ema=false")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        config, acc = self.config, self.accelerator
+        if self.start_epoch == 1 and self.eval_prompts and config.eval.before_training:
+            self.tracker.log(self.evaluate(0), 0)
+        epochs = range(self.start_epoch, config.num_epochs + 1)
+        for epoch in tqdm(epochs, desc="epochs", disable=not self.show):
+            metrics: dict[str, float] = {}
+            prompts, sample_ids, group_ids = self.draw(epoch)
+            batch, rewards = self.sample_and_score(epoch, prompts, sample_ids, group_ids, metrics)
+            advantages, trained = self.advantages(epoch, prompts, batch, rewards, metrics)
+            self.update(epoch, batch, advantages, trained, metrics)
+            last = epoch == config.num_epochs
+            if self.eval_prompts and (last or (config.eval.every and epoch % config.eval.every == 0)):
+                metrics.update(self.evaluate(epoch))
+            if config.log.image_every and (epoch % config.log.image_every == 0 or epoch == 1):
+                self.tracker.log_images("rollout/images", batch.images[:16].numpy(), [prompts[int(r)] for r in batch.prompt_rows[:16]], epoch)
+            self.tracker.log(metrics, epoch)
+            acc.print(self.summary(epoch, metrics))
+            if last or (config.log.save_every and epoch % config.log.save_every == 0):
+                self.save(epoch)
+        self.executor.shutdown()
+        self.tracker.finish()
+        acc.end_training()
+
+    # ------------------------------------------------------------------ phases
+
+    def draw(self, epoch: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """This rank's samples: the epoch's prompts, its global sample ids and their group ids."""
+        layout, config = self.layout, self.config
+        prompt_ids = draw_prompt_indices(len(self.prompts), config.sample.num_groups, seed=config.seed, epoch=epoch)
+        order = torch.randperm(layout.num_samples, generator=_generator(config.seed, epoch, 1))
+        positions = torch.tensor(layout.rank_positions(self.accelerator.process_index))
+        sample_ids = order[positions]
+        group_ids = sample_ids // layout.group_size
+        return [self.prompts[i] for i in prompt_ids], sample_ids, group_ids
+
+    def sde_steps(self, epoch: int) -> list[int]:
+        sde = self.config.sde
+        return sde_step_indices(
+            self.config.sample.num_steps, sde.window, steps=sde.steps, window_size=sde.window_size,
+            window_range=sde.window_range, generator=_generator(self.config.seed, epoch, 2),
+        )
+
+    def sample_and_score(self, epoch, prompts, sample_ids, group_ids, metrics) -> tuple[Rollout, dict[str, np.ndarray]]:
+        from rewards.base import RewardBatch
+
+        config = self.config
+        start = time.perf_counter()
+        # Every group's prompt is encoded once per epoch and reused for sampling and training.
+        unique_groups, rows = torch.unique(group_ids, return_inverse=True)
+        self.epoch_prompts = [prompts[int(g)] for g in unique_groups]
+        self.cond = self.policy.encode(self.epoch_prompts)
+        futures: list[Future] = []
+
+        def score_async(first: int, images: torch.Tensor) -> None:
+            texts = [self.epoch_prompts[int(r)] for r in rows[first : first + len(images)]]
+            futures.append(self.executor.submit(self.rewards.score, RewardBatch(images=images.numpy(), prompts=texts)))
+
+        with torch.no_grad():
+            batch = rollout(
+                self.policy, self.cond, rows, sample_ids, group_ids,
+                seed=config.seed, epoch=epoch, num_steps=config.sample.num_steps,
+                guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
+                batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
+                progress=self.show, on_batch=score_async,
+            )
+        metrics["time/rollout_s"] = time.perf_counter() - start
+        wait_start = time.perf_counter()
+        parts = [f.result() for f in futures]
+        metrics["time/reward_wait_s"] = time.perf_counter() - wait_start
+        scores = {c: np.concatenate([p.scores[c] for p in parts]) for c in self.rewards.components}
+        for name in parts[0].seconds:
+            metrics[f"time/reward/{name}_s"] = self._sum_over_ranks(sum(p.seconds[name] for p in parts))
+        metrics["time/reward_s"] = self._sum_over_ranks(sum(sum(p.seconds.values()) for p in parts))
+        return batch, scores
+
+    def advantages(self, epoch: int, prompts: list[str], batch: Rollout, scores: dict[str, np.ndarray], metrics) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather every rank's rewards and group ids, normalise per group, keep this rank's slice."""
+        start = time.perf_counter()
+        acc, t = self.accelerator, self.config.train
+        trained_reward = self.rewards.trained_reward(scores)
+        gathered = {name: self._gather(values) for name, values in scores.items()}
+        all_rewards = self._gather(trained_reward)
+        all_groups = acc.gather(batch.group_ids.to(acc.device)).cpu()
+        result = group_advantages(
+            torch.from_numpy(all_rewards), all_groups, global_std=t.global_std,
+            clip=t.adv_clip, drop_zero_std=t.drop_zero_std,
+        )
+        for name, values in gathered.items():
+            role = self.config.rewards[name.split("/")[0]].role
+            metrics[f"reward/{name}/mean"] = _nanmean(values)
+            metrics[f"reward/{name}/std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
+            metrics[f"reward/{name}/missing"] = int(np.isnan(values).sum())
+            metrics[f"reward/{name}/is_monitor"] = int(role == "monitor")
+        metrics["reward/mean"] = _nanmean(all_rewards)
+        metrics["reward/std"] = float(np.nanstd(all_rewards)) if np.isfinite(all_rewards).any() else float("nan")
+        metrics["reward/missing"] = result.metrics["missing_count"]
+        metrics["train/zero_std_ratio"] = result.metrics["zero_std_ratio"]
+        metrics["train/trained_fraction"] = result.metrics["trained_fraction"]
+        metrics["train/advantage_abs_mean"] = result.metrics["abs_mean"]
+        self.all_trained = result.trained  # [N] in gathered (rank-major) order
+        if self.config.log.save_samples:
+            all_ids = acc.gather(batch.sample_ids.to(acc.device)).cpu()
+            self.tracker.save_samples(epoch, [
+                {
+                    "sample_id": int(all_ids[i]), "group_id": int(all_groups[i]), "prompt": prompts[int(all_groups[i])],
+                    "reward": _json_float(all_rewards[i]), "advantage": float(result.advantages[i]), "trained": bool(result.trained[i]),
+                    **{f"reward/{name}": _json_float(values[i]) for name, values in gathered.items()},
+                }
+                for i in range(len(all_ids))
+            ])
+        rank = acc.process_index
+        n = self.layout.per_rank
+        metrics["time/advantages_s"] = time.perf_counter() - start
+        return result.advantages[rank * n : (rank + 1) * n], result.trained[rank * n : (rank + 1) * n]
+
+    def update(self, epoch: int, batch: Rollout, advantages: torch.Tensor, trained: torch.Tensor, metrics) -> None:
+        start = time.perf_counter()
+        acc, config, layout = self.accelerator, self.config, self.layout
+        t = config.train
+        self.policy.transformer.train()
+        device = acc.device
+        sigmas = batch.sigmas.to(device)
+        m, n, W = layout.per_rank_minibatch, layout.per_rank, layout.world_size
+        # Global trained count of each minibatch, from the gathered mask: every rank knows it.
+        all_trained = self.all_trained.view(W, layout.num_minibatches, m)
+        counts = all_trained.sum(dim=(0, 2))
+        sums = {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
+        terms, ratio_err, grad_norms, first_update_done = 0, 0.0, [], False
+        params = self.policy.trainable_parameters()
+        progress = tqdm(total=t.inner_epochs * layout.num_minibatches, desc="train", disable=not self.show, leave=False)
+        for inner in range(t.inner_epochs):
+            for k in torch.randperm(layout.num_minibatches, generator=_generator(config.seed, epoch, 3, inner)).tolist():
+                progress.update(1)
+                if counts[k] == 0:
+                    continue  # nothing to learn from on any rank: skip consistently everywhere
+                # loss = sum(w * per-sample loss), w = 1 / (global count * T), times W (DDP
+                # averages over ranks) and times the accumulation steps (accelerate divides by them).
+                scale = W * layout.grad_accum_steps / (float(counts[k]) * layout.trained_steps)
+                for first in range(k * m, (k + 1) * m, t.batch_size):
+                    rows = slice(first, first + t.batch_size)
+                    weights = trained[rows].float().to(device) * scale
+                    cond = self.cond.take(batch.prompt_rows[rows])
+                    for j, step_index in enumerate(batch.step_indices):
+                        with acc.accumulate(self.policy.transformer):
+                            out = self._train_step(batch, rows, j, step_index, sigmas, cond, advantages[rows].to(device), weights)
+                            if not first_update_done:
+                                ratio_err = max(ratio_err, float(out["ratio_err"]))
+                            for key in sums:
+                                sums[key] += float(out[key])
+                            terms += 1
+                            if acc.sync_gradients and not self.deepspeed:
+                                grad_norms.append(float(acc.clip_grad_norm_(params, t.max_grad_norm)))
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                        if acc.sync_gradients:
+                            first_update_done = True
+                            self._after_optimizer_step(grad_norms)
+        progress.close()
+        self.policy.transformer.eval()
+        for key, total in sums.items():
+            metrics[f"train/{key}"] = self._mean_over_ranks(total / max(terms, 1))
+        metrics["train/onpolicy_ratio_err"] = self._max_over_ranks(ratio_err)
+        metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/global_step"] = self.global_step
+        metrics["time/train_s"] = time.perf_counter() - start
+
+    def _train_step(self, batch: Rollout, rows, j, step_index, sigmas, cond, advantages, weights) -> dict:
+        config, acc = self.config, self.accelerator
+        latents = batch.latents[rows, j].to(acc.device)
+        next_latents = batch.next_latents[rows, j].to(acc.device)
+        sigma, sigma_next = sigmas[step_index], sigmas[step_index + 1]
+        guidance = config.sample.guidance_scale
+        step = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents)
+        ref_mean = None
+        if config.train.beta > 0:
+            with torch.no_grad(), self.policy.reference() as reference:
+                ref_mean = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents, network=reference).mean
+        loss, out = grpo_step_loss(
+            step.log_prob, batch.log_probs[rows, j].to(acc.device), advantages,
+            clip_range=config.train.clip_range, beta=config.train.beta, mean=step.mean, ref_mean=ref_mean,
+            kl_scale=kl_scale(step.std, sigma, sigma_next), sample_weights=weights,
+        )
+        acc.backward(loss)
+        return out
+
+    def _after_optimizer_step(self, grad_norms: list[float]) -> None:
+        t = self.config.train
+        self.scheduler.step()
+        self.global_step += 1
+        if self.deepspeed:
+            norm = self.policy.transformer.get_global_grad_norm()
+            if norm is not None:
+                grad_norms.append(float(norm))
+        if self.ema is not None and self.global_step % t.ema_every == 0:
+            self.ema.step(self.policy.trainable_parameters())
+
+    # ------------------------------------------------------------------ evaluation
+
+    @contextmanager
+    def ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = self.policy.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """ODE sampling with the EMA weights on the held-out prompts; the same noise every time."""
+        from rewards.base import RewardBatch
+
+        start = time.perf_counter()
+        acc, config = self.accelerator, self.config
+        indices = list(range(acc.process_index, len(self.eval_prompts), acc.num_processes))
+        local_scores: dict[str, list[float]] = {c: [] for c in self.rewards.components}
+        local_reward: list[float] = []
+        images = None
+        if indices:
+            prompts = [self.eval_prompts[i] for i in indices]
+            ids = torch.tensor(indices)
+            with torch.no_grad(), self.ema_weights():
+                cond = self.policy.encode(prompts)
+                batch = rollout(
+                    self.policy, cond, torch.arange(len(indices)), ids, ids,
+                    seed=config.seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
+                    guidance_scale=config.eval.guidance_scale, resolution=config.sample.resolution,
+                    batch_size=config.eval.batch_size, sde=self.sde, sde_steps=[], progress=self.show, desc="eval",
+                )
+            images = batch.images
+            scored = self.rewards.score(RewardBatch(images=images.numpy(), prompts=prompts))
+            for c in local_scores:
+                local_scores[c] = scored.scores[c].tolist()
+            local_reward = self.rewards.trained_reward(scored.scores).tolist()
+        metrics = {}
+        for c, values in local_scores.items():
+            metrics[f"eval/{c}/mean"] = _nanmean(np.array(self._gather_list(values), dtype=np.float64))
+        metrics["eval/reward/mean"] = _nanmean(np.array(self._gather_list(local_reward), dtype=np.float64))
+        metrics["time/eval_s"] = time.perf_counter() - start
+        if images is not None and acc.is_main_process:
+            self.tracker.log_images("eval/images", images[:16].numpy(), self.eval_prompts[: len(indices)][:16], epoch)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints and helpers
+
+    def save(self, epoch: int) -> None:
+        state = {"epoch": epoch, "global_step": self.global_step, "seed": self.config.seed}
+        path = self.checkpoint.save_checkpoint(self.accelerator, self.policy, self.config.run_dir, state, keep=self.config.log.keep_checkpoints)
+        self.accelerator.print(f"trustgrpo: saved {path}")
+
+    def summary(self, epoch: int, metrics: dict) -> str:
+        parts = [f"epoch {epoch}", f"reward {metrics['reward/mean']:.5g}"]
+        for key in ("train/approx_kl", "train/clipfrac", "train/onpolicy_ratio_err", "eval/reward/mean", "time/rollout_s", "time/train_s"):
+            if key in metrics:
+                parts.append(f"{key.split('/')[-1]} {metrics[key]:.4g}")
+        return " | ".join(parts)
+
+    def _gather(self, values: np.ndarray) -> np.ndarray:
+        acc = self.accelerator
+        return acc.gather(torch.as_tensor(values, dtype=torch.float64, device=acc.device)).cpu().numpy()
+
+    def _gather_list(self, values: list) -> list:
+        from accelerate.utils import gather_object
+
+        return gather_object(values) if self.accelerator.num_processes > 1 else list(values)
+
+    def _sum_over_ranks(self, value: float) -> float:
+        return float(self._gather(np.array([value])).sum())
+
+    def _mean_over_ranks(self, value: float) -> float:
+        return float(self._gather(np.array([value])).mean())
+
+    def _max_over_ranks(self, value: float) -> float:
+        return float(self._gather(np.array([value])).max())
+
+
+def _json_float(value) -> float | None:
+    """NaN (a missing reward) becomes null in JSON files."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trustgrpo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML experiment file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.group_size=8 train.beta=0")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if config.resume:
+            config.run_dir = config.resume
+        EpochLayout.build(config, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    Trainer(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
