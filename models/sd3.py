@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from models.base import lora_disabled
 from rl.config import ModelConfig
-from rl.sde import draw_noise, sigma_schedule
+from rl.sde import draw_noise
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_WEIGHTS_FILE = "transformer.safetensors"
@@ -102,7 +102,11 @@ class SD3Policy:
         return SD3Conditioning(embeds, pooled, *self._negative)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        return sigma_schedule(num_steps, shift=float(self.pipe.scheduler.config.get("shift", 1.0)))
+        """The pipeline scheduler's own schedule (shifted, ending at 0), so that evaluation
+        matches `pipe(num_inference_steps=N)` and Flow-GRPO's published settings carry over."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(num_steps, device="cpu")
+        return scheduler.sigmas.to(torch.float32)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         size = resolution // self.pipe.vae_scale_factor
@@ -177,7 +181,12 @@ class SD3Policy:
         state_dict = state_dict if state_dict is not None else self.trainable_state_dict()
         state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         if self.config.use_lora:
-            StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state_dict)
+            # The adapter metadata carries lora_alpha: without it load_lora_weights assumes
+            # alpha == rank and a LoRA trained with alpha != rank loads at the wrong strength.
+            StableDiffusion3Pipeline.save_lora_weights(
+                directory, transformer_lora_layers=state_dict,
+                transformer_lora_adapter_metadata=self.network.peft_config["default"].to_dict(),
+            )
         else:
             save_file(state_dict, str(Path(directory) / FULL_WEIGHTS_FILE))
 

@@ -119,10 +119,16 @@ class Trainer:
         self.eval_prompts = read_prompts(config.data.eval_prompts)[: config.eval.num_prompts] if config.data.eval_prompts else []
 
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.model.adapter != "sd3")]
-        if world_size > 1 and not torch.cuda.is_available():
+        cpu_ranks = world_size > 1 and not torch.cuda.is_available()
+        deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if cpu_ranks and deepspeed_launch:
             # Without an explicit gloo backend every CPU rank believes it is rank 0 of 1.
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        self.accelerator = Accelerator(gradient_accumulation_steps=self.layout.grad_accum_steps, kwargs_handlers=handlers)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=self.layout.grad_accum_steps, kwargs_handlers=handlers,
+            # Several CPU processes without DeepSpeed: accelerate's MULTI_CPU mode (gloo DDP).
+            cpu=cpu_ranks and not deepspeed_launch,
+        )
         acc = self.accelerator
         if acc.num_processes != world_size:
             raise RuntimeError(f"WORLD_SIZE={world_size} but accelerate started {acc.num_processes} processes")

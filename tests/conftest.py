@@ -41,3 +41,64 @@ def run_cli(args: list[str], *, env: dict | None = None, launcher: list[str] | N
 
 def accelerate_launcher(config_file: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config_file), "--main_process_port", str(free_port())]
+
+
+@pytest.fixture
+def make_sd3_policy(tiny_sd3):
+    """Factory for an SD3Policy on the tiny pipeline (fp32, LoRA rank 4 / alpha 4 unless told)."""
+    from models.sd3 import SD3Policy
+    from rl.config import LoraSettings, ModelConfig
+
+    def make(*, dtype: str = "fp32", use_lora: bool = True, rank: int = 4, alpha: int = 4):
+        config = ModelConfig(
+            pretrained=str(tiny_sd3), dtype=dtype, max_sequence_length=32, use_lora=use_lora,
+            lora=LoraSettings(rank=rank, alpha=alpha),
+        )
+        return SD3Policy(config, "cpu")
+
+    return make
+
+
+@pytest.fixture
+def stock_sd3(tiny_sd3):
+    """A fresh stock StableDiffusion3Pipeline (fp32, no LoRA), loaded the way a user loads one."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def transformer_velocity(network, latents, sigma, embeds, pooled):
+    """A direct, unguided call of an SD3 transformer at sigma ([B]); diffusers takes t = 1000 sigma."""
+    import torch
+
+    with torch.no_grad():
+        return network(
+            hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,
+            timestep=sigma * 1000.0, return_dict=False,
+        )[0].float()
+
+
+def guided_transformer_velocity(network, latents, sigma, cond, guidance_scale):
+    """CFG from two separate direct calls: uncond + g * (cond - uncond)."""
+    batch = latents.shape[0]
+    text = transformer_velocity(network, latents, sigma, cond.prompt_embeds, cond.pooled_embeds)
+    if guidance_scale == 1.0:
+        return text
+    uncond = transformer_velocity(
+        network, latents, sigma, cond.negative_embeds.expand(batch, -1, -1), cond.negative_pooled.expand(batch, -1)
+    )
+    return uncond + guidance_scale * (text - uncond)
+
+
+def perturb_lora(network, seed: int = 0, scale: float = 0.1) -> None:
+    """Give every lora_B a random value (peft initialises it to zero, making LoRA a no-op)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
