@@ -47,7 +47,7 @@ class SD3Policy:
         if config.build_tiny_if_missing:
             from models.tiny import ensure_tiny_sd3
 
-            ensure_tiny_sd3(config.pretrained, text_max_length=config.max_sequence_length)
+            ensure_tiny_sd3(config.pretrained, text_max_length=config.max_sequence_length, warm_start_steps=config.tiny_warm_start_steps)
         # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
         # weights) and runs under autocast.
         pipe = StableDiffusion3Pipeline.from_pretrained(

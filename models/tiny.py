@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -199,12 +200,78 @@ def _build_sd3_pipeline(*, sample_size: int, text_max_length: int) -> StableDiff
     return pipe
 
 
+def _synthetic_images(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, 3, size, size] images in [-1, 1]: per sample a random mix of a smooth colour field
+    and per-pixel noise, so the family spans flat (compressible) to busy (incompressible)."""
+    coarse = F.interpolate(torch.rand(batch, 3, 2, 2, generator=generator) * 2 - 1, size=size, mode="bilinear")
+    medium = F.interpolate(torch.rand(batch, 3, 4, 4, generator=generator) * 2 - 1, size=size, mode="bilinear")
+    smooth = 0.7 * coarse + 0.3 * medium
+    busy = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    mix = torch.rand(batch, 1, 1, 1, generator=generator)
+    return (mix * smooth + (1 - mix) * busy).clamp(-1, 1)
+
+
+def _warm_start(pipe: StableDiffusion3Pipeline, steps: int, *, latent_size: int, text_max_length: int) -> None:
+    """A few seconds of pretraining on synthetic images (see _synthetic_images): the VAE as an
+    autoencoder, then the transformer with the flow-matching loss on the VAE's latents,
+    unconditionally (empty prompt).
+
+    Why: a random VAE decodes every latent to nearly the same texture (its GroupNorms remove
+    most of the input), so no policy can move an image reward; measured here, GRPO on a random
+    tiny SD3 did not raise JPEG compressibility in 10 epochs whatever the learning rate. After
+    the warm start, images follow the latents and the model's samples vary from flat to busy,
+    so a reward like compressibility has something to push on, as with a real checkpoint.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    vae, transformer = pipe.vae, pipe.transformer
+    image_size = latent_size * pipe.vae_scale_factor
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for _ in range(steps // 2):
+        images = _synthetic_images(16, image_size, generator)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=[""], prompt_2=None, prompt_3=None, device="cpu",
+            do_classifier_free_guidance=False, max_sequence_length=text_max_length,
+        )
+        # A fixed pool of encoded images: encoding anew at every step would cost more than the
+        # transformer steps themselves.
+        pool = torch.cat([vae.encode(_synthetic_images(64, image_size, generator)).latent_dist.mean for _ in range(8)])
+        pool = (pool - vae.config.shift_factor) * vae.config.scaling_factor
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
+    transformer.train()
+    batch = 64
+    for _ in range(steps):
+        clean = pool[torch.randint(0, pool.shape[0], (batch,), generator=generator)]
+        noise = torch.randn(clean.shape, generator=generator)
+        sigma = torch.rand(batch, generator=generator).view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * clean + sigma * noise
+        velocity = transformer(
+            hidden_states=noisy, encoder_hidden_states=embeds.expand(batch, -1, -1),
+            pooled_projections=pooled.expand(batch, -1), timestep=sigma.flatten() * 1000, return_dict=False,
+        )[0]
+        loss = F.mse_loss(velocity, noise - clean)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    transformer.eval()
+
+
 def build_tiny_sd3(
     save_dir: str | os.PathLike[str],
     *,
     seed: int = 0,
     sample_size: int = 8,
     text_max_length: int = 16,
+    warm_start_steps: int = 0,
 ) -> pathlib.Path:
     """Build a tiny random-weight StableDiffusion3Pipeline and save it with save_pretrained to save_dir.
 
@@ -215,6 +282,8 @@ def build_tiny_sd3(
             sample_size * 8 pixels.
         text_max_length: model_max_length of all three tokenizers, and the CLIP position
             table size. Pass the same value as ``max_sequence_length`` when sampling.
+        warm_start_steps: Flow-matching steps fitting the transformer to smooth synthetic
+            latents (see _warm_start); 0 keeps it random.
 
     Returns:
         The path of the saved pipeline.
@@ -225,6 +294,8 @@ def build_tiny_sd3(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = _build_sd3_pipeline(sample_size=sample_size, text_max_length=text_max_length)
+        if warm_start_steps:
+            _warm_start(pipe, warm_start_steps, latent_size=sample_size, text_max_length=text_max_length)
     save_path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(save_path)
     return save_path
@@ -273,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sd3.add_argument("--seed", type=int, default=0)
     sd3.add_argument("--sample-size", type=int, default=8)
     sd3.add_argument("--text-max-length", type=int, default=16)
+    sd3.add_argument("--warm-start-steps", type=int, default=0, help="fit the transformer to smooth synthetic latents first")
     args = parser.parse_args(argv)
 
     if args.model == "sd3":
@@ -281,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             seed=args.seed,
             sample_size=args.sample_size,
             text_max_length=args.text_max_length,
+            warm_start_steps=args.warm_start_steps,
         )
         print(path)
 

@@ -64,7 +64,9 @@ class ModelConfig:
     revision: Optional[str] = None
     """Hub revision of `pretrained`."""
     build_tiny_if_missing: bool = False
-    """Build a tiny random-weight pipeline at `pretrained` when that directory does not exist (CPU tests and tiny configs)."""
+    """Build a tiny pipeline (models/tiny.py) at `pretrained` when that directory does not exist (CPU tests and tiny configs)."""
+    tiny_warm_start_steps: int = 400
+    """When building a tiny pipeline: flow-matching steps fitting its transformer to smooth synthetic latents (0 = random weights)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Dtype of the frozen weights and of autocast; log-prob math is always fp32."""
     use_lora: bool = True
