@@ -51,13 +51,14 @@ class Tracker:
             # Keep every wandb file inside the run directory (cache, config, artifacts included).
             for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
                 os.environ.setdefault(var, str(wandb_dir))
+            # A resumed run continues the same W&B run: its id is kept beside the metrics.
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if (resume_epoch is not None and id_file.exists()) else wandb.util.generate_id()
-            id_file.write_text(run_id)
+            run_id = id_file.read_text().strip() if (resume_epoch is not None and id_file.exists()) else None
             self.wandb = wandb.init(
                 project=project, name=run_name or self.run_dir.name, dir=str(wandb_dir), mode=mode,
-                config=config, id=run_id, resume="allow",
+                config=config, id=run_id, resume="allow" if run_id else None,
             )
+            id_file.write_text(self.wandb.id)
 
     def _truncate_after(self, epoch: int) -> None:
         """On resume, drop lines logged after the checkpoint so epochs are not listed twice."""

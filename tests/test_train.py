@@ -146,3 +146,33 @@ def test_deepspeed_zero2_on_two_cpu_ranks(tiny_sd3, tmp_path):
     assert all(m["train/onpolicy_ratio_err"] < 1e-5 for m in metrics)
     assert all(math.isfinite(m["train/grad_norm"]) for m in metrics)
     assert (run_dir / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_metrics_and_images(tiny_sd3, tmp_path):
+    """Real wandb in offline mode: the run, its metrics and image grids stay under run_dir."""
+    run_dir = tmp_path / "wandb_run"
+    run_cli(
+        ["configs/tiny_cpu.yaml", *FAST, "num_epochs=2", "eval.every=1", "log.wandb_mode=offline", "log.image_every=1"]
+        + tiny_overrides(tiny_sd3, run_dir),
+        env={"WANDB_MODE": "offline"},
+    )
+    runs = list((run_dir / "wandb").rglob("offline-run-*"))
+    assert runs, "no offline W&B run under run_dir/wandb"
+    assert list(runs[0].glob("run-*.wandb"))
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "image grids were not logged to W&B"
+    assert (run_dir / "images" / "rollout_images_epoch00001.png").exists()
+    assert (run_dir / "images" / "eval_images_epoch00002.png").exists()
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1, 2]
+
+
+def test_console_script_is_the_same_program(tmp_path):
+    """`trustgrpo-train` is installed and rejects a bad key like `python -m rl.train` does."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("trustgrpo-train") or str(Path(sys.executable).parent / "trustgrpo-train")
+    result = subprocess.run([script, str(ROOT / "configs/tiny_cpu.yaml"), "train.learnin_rate=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "train.learnin_rate" in result.stderr
