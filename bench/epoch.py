@@ -35,7 +35,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
             f"run_dir={tmp}/run", f"num_epochs={args.warmup + args.epochs}",
-            f"model.pretrained={ROOT}/.cache/models/tiny-sd3-bench", "model.max_sequence_length=32",
+            f"model.pretrained={ROOT}/.cache/models/tiny-sd3-bench", "model.tiny_warm_start_steps=0",
+            "model.max_sequence_length=32",
             f"model.dtype={args.dtype}", "model.lora.rank=4", "model.lora.alpha=4",
             f"data.train_prompts={ROOT}/configs/prompts/tiny.txt", "data.eval_prompts=null",
             "sample.resolution=128", "sample.num_steps=10", "sample.guidance_scale=4.5",
