@@ -168,7 +168,29 @@ class RewardSpec:
     role: Literal["train", "monitor"] = "train"
     """train: part of the optimised reward; monitor: scored and logged, never trained on."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the worker's constructor."""
+    """Keyword arguments for the worker's constructor (device, dtype, checkpoint, ... as the worker takes them)."""
+    batch_size: Optional[int] = None
+    """Images per call to this worker; none = the whole rollout batch at once."""
+    urls: list[str] = field(default_factory=list)
+    """Reward-server endpoints (python -m rewards.serve) to call instead of running the worker in process; several = round robin."""
+    timeout_s: float = 120.0
+    """Per-request timeout for a remote worker."""
+    retries: int = 3
+    """Attempts per request for a remote worker before the run stops with an error naming the endpoint."""
+
+
+@dataclass
+class MixConfig:
+    kind: Literal["weighted_sum", "qma", "cme"] = "weighted_sum"
+    """weighted_sum of the train components; qma (FIRM generation) or cme (FIRM editing) Base-and-Bonus of two 1..5 judge components (plus the weighted sum of any other train component)."""
+    group_normalize: bool = False
+    """weighted_sum only: normalise each train component within its group before weighting, so components on different scales count by their weights."""
+    base: Optional[str] = None
+    """qma/cme: the base component (qma: instruction following, default firm_gen/instruction; cme: execution, default firm_edit/execution)."""
+    bonus: Optional[str] = None
+    """qma/cme: the bonus component (qma: quality, default firm_gen/quality; cme: consistency, default firm_edit/consistency)."""
+    uncertainty_strength: float = 0.0
+    """Down-weight the advantage of sample i by 1 / (1 + k * u_i), u_i = summed judge-score variance of the train components; 0 disables."""
 
 
 @dataclass
@@ -229,7 +251,7 @@ class RunConfig:
     """The policy update."""
     rewards: dict[str, RewardSpec] = field(default_factory=dict)
     """Reward components by name."""
-    reward_mix: Literal["weighted_sum"] = "weighted_sum"
+    reward_mix: MixConfig = field(default_factory=MixConfig)
     """How the `train` components combine into the trained reward."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation with ODE sampling and EMA weights."""
@@ -404,6 +426,16 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"`data.eval_prompts`: file {config.data.eval_prompts} does not exist")
     if not any(spec.role == "train" for spec in config.rewards.values()):
         raise ConfigError("`rewards` must list at least one component with role: train")
+    mix = config.reward_mix
+    if mix.kind in ("qma", "cme"):
+        defaults = {"qma": ("firm_gen/instruction", "firm_gen/quality"), "cme": ("firm_edit/execution", "firm_edit/consistency")}
+        mix.base = mix.base or defaults[mix.kind][0]
+        mix.bonus = mix.bonus or defaults[mix.kind][1]
+    for name, spec in config.rewards.items():
+        if spec.batch_size is not None and spec.batch_size < 1:
+            raise ConfigError(f"`rewards.{name}.batch_size` must be >= 1, got {spec.batch_size}")
+        if spec.retries < 1:
+            raise ConfigError(f"`rewards.{name}.retries` must be >= 1, got {spec.retries}")
     if config.sde.window == "fixed" and not config.sde.steps:
         raise ConfigError("`sde.steps` must list step indices when sde.window is fixed")
     if config.sde.window == "random" and len(config.sde.window_range) != 2:

@@ -266,6 +266,15 @@ class Trainer:
         parts = [f.result() for f in futures]
         metrics["time/reward_wait_s"] = time.perf_counter() - wait_start
         scores = {c: np.concatenate([p.scores[c] for p in parts]) for c in self.rewards.components}
+        self.uncertainty = {
+            c: np.concatenate([p.uncertainty[c] for p in parts]) for c in self.rewards.components if all(c in p.uncertainty for p in parts)
+        }
+        from rewards.runner import _is_count
+
+        for key in parts[0].extras:
+            values = [p.extras.get(key, 0.0) for p in parts]
+            local = float(np.sum(values)) if _is_count(key) else float(np.mean(values))
+            metrics[f"reward_extras/{key}"] = self._sum_over_ranks(local) if _is_count(key) else self._mean_over_ranks(local)
         for name in parts[0].seconds:
             metrics[f"time/reward/{name}_s"] = self._sum_over_ranks(sum(p.seconds[name] for p in parts))
         metrics["time/reward_s"] = self._sum_over_ranks(sum(sum(p.seconds.values()) for p in parts))
@@ -275,16 +284,22 @@ class Trainer:
         """Gather every rank's rewards and group ids, normalise per group, keep this rank's slice."""
         start = time.perf_counter()
         acc, t = self.accelerator, self.config.train
-        trained_reward = self.rewards.trained_reward(scores)
         gathered = {name: self._gather(values) for name, values in scores.items()}
-        all_rewards = self._gather(trained_reward)
         all_groups = acc.gather(batch.group_ids.to(acc.device)).cpu()
+        # Mixing runs on the gathered scores: per-component group normalisation needs whole groups.
+        all_rewards = self.rewards.trained_reward(gathered, all_groups.numpy())
         result = group_advantages(
             torch.from_numpy(all_rewards), all_groups, global_std=t.global_std,
             clip=t.adv_clip, drop_zero_std=t.drop_zero_std,
         )
+        weights = self.rewards.advantage_weights({name: self._gather(v) for name, v in self.uncertainty.items()})
+        if weights is not None:
+            result.advantages = result.advantages * torch.from_numpy(weights).float()
+            metrics["train/uncertainty_weight_mean"] = float(weights[result.trained.numpy()].mean()) if result.trained.any() else float("nan")
+        for name, values in self.uncertainty.items():
+            metrics[f"reward/{name}/uncertainty_mean"] = _nanmean(self._gather(values))
         for name, values in gathered.items():
-            role = self.config.rewards[name.split("/")[0]].role
+            role = self.rewards.roles[name]
             metrics[f"reward/{name}/mean"] = _nanmean(values)
             metrics[f"reward/{name}/std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
             metrics[f"reward/{name}/missing"] = int(np.isnan(values).sum())
@@ -433,7 +448,8 @@ class Trainer:
             scored = self.rewards.score(RewardBatch(images=images.numpy(), prompts=prompts))
             for c in local_scores:
                 local_scores[c] = scored.scores[c].tolist()
-            local_reward = self.rewards.trained_reward(scored.scores).tolist()
+            # Each held-out prompt is its own group: no group normalisation here.
+            local_reward = self.rewards.trained_reward(scored.scores, group_normalize=False).tolist()
         metrics = {}
         for c, values in local_scores.items():
             metrics[f"eval/{c}/mean"] = _nanmean(np.array(self._gather_list(values), dtype=np.float64))

@@ -1,0 +1,99 @@
+"""Reward mixing: FIRM's Base-and-Bonus formulas, NaN propagation, per-component group
+normalisation, monitors and uncertainty weighting. Expected values are worked by hand from
+REFERENCE.md section 3 (normalise s -> (s - 1) / 4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rewards.mix import cme, group_normalise, mix_rewards, qma, uncertainty_weights
+from rewards.runner import RewardRunner
+from rl.config import MixConfig, RewardSpec
+
+
+def test_cme_values():
+    # E=5, C=5 -> 1 * (0.6 + 0.4) = 1; E=3, C=1 -> 0.5 * 0.6 = 0.3; E=1 -> 0 whatever C;
+    # E=4, C=3 -> 0.75 * (0.6 + 0.2) = 0.6
+    out = cme([5, 3, 1, 4], [5, 1, 5, 3])
+    np.testing.assert_allclose(out, [1.0, 0.3, 0.0, 0.6], atol=1e-12)
+
+
+def test_qma_values_and_min_of_quality_subscores():
+    # I=5, Q=5 -> 1; I=3, Q=1 -> 0.5 * 0.4 = 0.2; I=4, Q=min(5,2,4)=2 -> 0.75 * (0.4 + 0.15) = 0.4125
+    np.testing.assert_allclose(qma([5, 3], [5, 1]), [1.0, 0.2], atol=1e-12)
+    np.testing.assert_allclose(qma([4], [[5, 2, 4]]), [0.4125], atol=1e-12)
+
+
+def test_nan_propagates_through_base_and_bonus():
+    assert math.isnan(cme([np.nan], [5])[0]) and math.isnan(cme([5], [np.nan])[0])
+    assert math.isnan(qma([5], [np.nan])[0]) and math.isnan(qma([np.nan], [5])[0])
+    assert math.isnan(qma([5], [[5, np.nan, 5]])[0])
+    out = cme([5, np.nan, 3], [5, 5, 1])
+    assert out[0] == pytest.approx(1.0) and math.isnan(out[1]) and out[2] == pytest.approx(0.3)
+
+
+def test_cme_is_not_hacked_by_consistency_alone():
+    """An unchanged source (consistency 5, execution 1) scores 0 under CME, unlike a 0.5/0.5 sum."""
+    assert cme([1], [5])[0] == 0.0
+    plain = 0.5 * (1 - 1) / 4 + 0.5 * (5 - 1) / 4
+    assert plain == 0.5
+
+
+def test_group_normalise_by_hand():
+    values = np.array([1.0, 3.0, np.nan, 10.0, 10.0, 40.0])
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    out = group_normalise(values, groups, eps=0.0)
+    np.testing.assert_allclose(out[:2], [-1.0, 1.0])
+    assert math.isnan(out[2])
+    # group 1: mean 20, population std sqrt((100 + 100 + 400) / 3) = sqrt(200)
+    np.testing.assert_allclose(out[3:], np.array([-10.0, -10.0, 20.0]) / math.sqrt(200.0))
+
+
+def test_weighted_sum_with_group_normalisation_balances_scales():
+    """A component 1000x larger does not drown the other after per-group normalisation."""
+    scores = {"big": np.array([1000.0, 2000.0, 1000.0, 2000.0]), "small": np.array([2.0, 1.0, 2.0, 1.0])}
+    groups = np.array([0, 0, 1, 1])
+    raw = mix_rewards(scores, {"big": 1.0, "small": 1.0}, kind="weighted_sum")
+    normalised = mix_rewards(scores, {"big": 1.0, "small": 1.0}, kind="weighted_sum", group_ids=groups, group_normalize=True)
+    assert raw[1] > raw[0]
+    np.testing.assert_allclose(normalised, 0.0, atol=1e-3)
+
+
+def test_mix_rejects_unknown_base_component():
+    with pytest.raises(KeyError, match="base component"):
+        mix_rewards({"a": np.ones(2)}, {"a": 1.0}, kind="cme", base="firm_edit/execution", bonus="a")
+
+
+def test_uncertainty_weights_formula():
+    weights = uncertainty_weights({"a": np.array([0.0, 1.0, np.nan]), "b": np.array([1.0, 1.0, 1.0])}, ["a", "b"], strength=2.0)
+    np.testing.assert_allclose(weights, [1 / 3, 1 / 5, 1 / 3])
+    assert uncertainty_weights({}, ["a"], 1.0) is None
+
+
+def test_monitor_components_are_scored_but_never_trained():
+    specs = {
+        "jpeg_compressibility": RewardSpec(role="train", weight=2.0),
+        "jpeg_incompressibility": RewardSpec(role="monitor", weight=100.0),
+    }
+    runner = RewardRunner(specs, MixConfig())
+    assert runner.components == ["jpeg_compressibility", "jpeg_incompressibility"]
+    assert runner.weights == {"jpeg_compressibility": 2.0}
+    scores = {"jpeg_compressibility": np.array([-1.0, np.nan]), "jpeg_incompressibility": np.array([np.nan, 5.0])}
+    reward = runner.trained_reward(scores)
+    assert reward[0] == pytest.approx(-2.0)
+    assert math.isnan(reward[1])  # the trained component is missing; the monitor does not fill in
+
+
+def test_per_component_batch_size_gives_the_same_scores():
+    from rewards.base import RewardBatch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(5, 16, 16, 3), dtype=np.uint8)
+    batch = RewardBatch(images=images, prompts=["p"] * 5)
+    whole = RewardRunner({"jpeg_compressibility": RewardSpec()}).score(batch)
+    chunked = RewardRunner({"jpeg_compressibility": RewardSpec(batch_size=2)}).score(batch)
+    np.testing.assert_array_equal(whole.scores["jpeg_compressibility"], chunked.scores["jpeg_compressibility"])
+    assert "jpeg_compressibility" in chunked.seconds
