@@ -52,7 +52,7 @@ class RewardRunner:
             if spec.urls:
                 from rewards.client import RemoteReward
 
-                worker = RemoteReward(spec.urls, timeout_s=spec.timeout_s, retries=spec.retries, name=name)
+                worker = RemoteReward(spec.urls, timeout_s=spec.timeout_s, retries=spec.retries, name=spec.worker or name)
             else:
                 worker = build_worker(spec.worker or name, spec.params)
             names = [name] if len(worker.components) == 1 else [f"{name}/{c}" for c in worker.components]
