@@ -1,24 +1,23 @@
 """Policy adapters by name. Add a model family: write models/<family>.py with a class that
-implements models.base.Policy, and register a loader for it here."""
+implements models.base.Policy, and register "module:Class" here. Classes are imported only when
+used, so reading a config never imports diffusers."""
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
 
-
-def _sd3(*args, **kwargs):
-    from models.sd3 import SD3Policy
-
-    return SD3Policy(*args, **kwargs)
-
-
-# Loaders import lazily so that reading a config never imports diffusers.
-ADAPTERS: dict[str, Callable] = {
-    "sd3": _sd3,
+ADAPTERS: dict[str, str] = {
+    "sd3": "models.sd3:SD3Policy",
+    "qwen_image_edit": "models.qwen_image_edit:QwenImageEditPolicy",
 }
 
 
+def adapter_class(name: str) -> type:
+    if name not in ADAPTERS:
+        raise KeyError(f"unknown model adapter {name!r}; known adapters: {', '.join(sorted(ADAPTERS))}")
+    module, cls = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_policy(config, device, *, needs_reference: bool = True):
-    if config.adapter not in ADAPTERS:
-        raise KeyError(f"unknown model adapter {config.adapter!r}; known adapters: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[config.adapter](config, device, needs_reference=needs_reference)
+    return adapter_class(config.adapter)(config, device, needs_reference=needs_reference)

@@ -28,8 +28,9 @@ class Policy(Protocol):
         """Encode unique prompts (no gradient); row i belongs to prompts[i]."""
         ...
 
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The num_steps + 1 sigmas from 1 to 0 this model samples with."""
+    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+        """The num_steps + 1 sigmas from 1 to 0 this model samples with at this image size
+        (models with resolution-dependent shifting, like Qwen-Image, need the size)."""
         ...
 
     def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond: Conditioning) -> torch.Tensor:

@@ -87,6 +87,8 @@ class SD3Policy:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], source_images: Sequence | None = None) -> SD3Conditioning:
+        if source_images is not None:
+            raise ValueError("the sd3 adapter is text-to-image and takes no source images; use model.adapter=qwen_image_edit for editing data")
         # encode_prompt is not under no_grad by itself; without the decorator a second backward
         # through cached embeddings would fail.
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -101,9 +103,10 @@ class SD3Policy:
             self._negative = (negative, negative_pooled)
         return SD3Conditioning(embeds, pooled, *self._negative)
 
-    def sigmas(self, num_steps: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
         """The pipeline scheduler's own schedule (shifted, ending at 0), so that evaluation
-        matches `pipe(num_inference_steps=N)` and Flow-GRPO's published settings carry over."""
+        matches `pipe(num_inference_steps=N)` and Flow-GRPO's published settings carry over.
+        SD3's shift does not depend on the resolution."""
         scheduler = copy.deepcopy(self.pipe.scheduler)
         scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler.sigmas.to(torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from rewards.base import RewardBatch, RewardOutput, RewardWorker
+from rewards.edit_verify import EditColor
 from rewards.jpeg import JpegCompressibility, jpeg_incompressibility
 
 
@@ -50,6 +51,7 @@ WORKERS: dict[str, Callable[..., RewardWorker]] = {
     "clip_probe": _clip_probe,
     "firm_gen": _firm_gen,
     "firm_edit": _firm_edit,
+    "edit_color": EditColor,
 }
 
 

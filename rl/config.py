@@ -81,10 +81,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_prompts: str = "configs/prompts/simple.txt"
-    """Text file with one training prompt per line (relative paths: against the config file's folder, then the working directory)."""
+    train_prompts: Optional[str] = None
+    """Text-to-image: text file with one training prompt per line (relative paths: against the config file's folder, then the working directory)."""
     eval_prompts: Optional[str] = None
     """Text file of held-out prompts for evaluation; none = no evaluation."""
+    train_edits: Optional[str] = None
+    """Instruction editing: JSONL file of {"image": path relative to the file, "instruction": str, ...} rows; each group edits one source image."""
+    eval_edits: Optional[str] = None
+    """JSONL file of held-out edits for evaluation."""
 
 
 @dataclass
@@ -385,9 +389,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     config = _build(RunConfig, data, "", f"{source} with command-line overrides" if overrides else source)
     if path is not None:
         base = Path(path).resolve().parent
-        config.data.train_prompts = _resolve(config.data.train_prompts, base)
-        if config.data.eval_prompts:
-            config.data.eval_prompts = _resolve(config.data.eval_prompts, base)
+        for name in ("train_prompts", "eval_prompts", "train_edits", "eval_edits"):
+            if getattr(config.data, name):
+                setattr(config.data, name, _resolve(getattr(config.data, name), base))
     validate(config)
     return config
 
@@ -420,10 +424,15 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"`{name}` must be >= 1, got {value}")
     if s.resolution % 16:
         raise ConfigError(f"`sample.resolution` must be a multiple of 16, got {s.resolution}")
-    if not Path(config.data.train_prompts).is_file():
-        raise ConfigError(f"`data.train_prompts`: file {config.data.train_prompts} does not exist")
-    if config.data.eval_prompts and not Path(config.data.eval_prompts).is_file():
-        raise ConfigError(f"`data.eval_prompts`: file {config.data.eval_prompts} does not exist")
+    data = config.data
+    if bool(data.train_prompts) == bool(data.train_edits):
+        raise ConfigError("set exactly one of `data.train_prompts` (text-to-image) and `data.train_edits` (editing)")
+    if data.train_edits and data.eval_prompts or data.train_prompts and data.eval_edits:
+        raise ConfigError("evaluation data must be of the training kind: eval_prompts with train_prompts, eval_edits with train_edits")
+    for name in ("train_prompts", "eval_prompts", "train_edits", "eval_edits"):
+        value = getattr(data, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"`data.{name}`: file {value} does not exist")
     if not any(spec.role == "train" for spec in config.rewards.values()):
         raise ConfigError("`rewards` must list at least one component with role: train")
     mix = config.reward_mix

@@ -1,21 +1,30 @@
-"""Prompt files and the per-epoch draw of prompts. Deterministic in (seed, epoch), so the data
-position of a run is its epoch number and resuming needs nothing else."""
+"""Prompt files, editing data (JSONL rows of source image + instruction) and the per-epoch draw.
+The draw is deterministic in (seed, epoch), so the data position of a run is its epoch number
+and resuming needs nothing else."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+
+class DataError(ValueError):
+    """A prompt or edit file is missing or malformed; the message names the file and line."""
 
 
 def read_prompts(path: str | Path) -> list[str]:
     """Non-empty lines of a text file, stripped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; set data.train_prompts / data.eval_prompts")
+        raise DataError(f"prompt file {path} does not exist; set data.train_prompts / data.eval_prompts")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts (one per line expected)")
+        raise DataError(f"prompt file {path} holds no prompts (one per line expected)")
     return prompts
 
 
@@ -28,3 +37,72 @@ def draw_prompt_indices(num_prompts: int, num_groups: int, *, seed: int, epoch: 
     while len(stream) < num_groups:
         stream += torch.randperm(num_prompts, generator=generator).tolist()
     return stream[:num_groups]
+
+
+@dataclass
+class EditRow:
+    image: Path  # the source image
+    instruction: str
+    metadata: dict
+
+
+def read_edits(path: str | Path) -> list[EditRow]:
+    """Rows `{"image": path, "instruction": str, ...}` of a JSONL file, image paths relative to
+    the file. Every row is checked (JSON, keys, the image opens, a non-empty instruction) and the
+    first bad one is reported with its line number, before any model loads."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"edit file {path} does not exist; set data.train_edits / data.eval_edits")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with \"image\" and \"instruction\"")
+        image, instruction = record.get("image"), record.get("instruction")
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: missing \"image\" (a path relative to {path.parent})")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise DataError(f"{where}: empty or missing \"instruction\"")
+        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+        if not image_path.is_file():
+            raise DataError(f"{where}: image {image_path} does not exist")
+        try:
+            with Image.open(image_path) as opened:
+                opened.verify()
+        except (OSError, SyntaxError) as err:
+            raise DataError(f"{where}: image {image_path} cannot be read as an image ({err})") from err
+        metadata = {k: v for k, v in record.items() if k not in ("image", "instruction")}
+        rows.append(EditRow(image_path, instruction.strip(), metadata))
+    if not rows:
+        raise DataError(f"edit file {path} holds no rows")
+    return rows
+
+
+def load_source_image(path: Path, resolution: int) -> np.ndarray:
+    """The source image as uint8 [resolution, resolution, 3]: centre-cropped to a square, resized."""
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+@dataclass
+class Item:
+    """One group's input: a prompt, or an editing instruction with its source image."""
+
+    text: str
+    source: Path | None = None
+
+
+def read_items(prompts: str | None = None, edits: str | None = None) -> list[Item]:
+    if edits:
+        return [Item(row.instruction, row.image) for row in read_edits(edits)]
+    return [Item(text) for text in read_prompts(prompts)]

@@ -99,7 +99,7 @@ def rollout(
     on_batch(first_index, images) is called as soon as a batch is decoded, so rewards can be
     scored while the next batch samples.
     """
-    sigmas = policy.sigmas(num_steps).to(policy.device)
+    sigmas = policy.sigmas(num_steps, resolution).to(policy.device)
     sde_set = set(int(i) for i in sde_steps)
     step_indices = sorted(sde_set)
     out_latents, out_next, out_logp, out_images = [], [], [], []

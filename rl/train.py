@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rl.advantages import group_advantages
 from rl.config import ConfigError, RunConfig, load_config, to_dict
-from rl.data import draw_prompt_indices, read_prompts
+from rl.data import DataError, Item, draw_prompt_indices, load_source_image, read_items
 from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
@@ -113,12 +113,18 @@ class Trainer:
         self.config = config
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.layout = EpochLayout.build(config, world_size)
-        # Rewards and prompt files are checked before any model loads.
+        # Data files are checked before any model loads (reward models included).
+        data = config.data
+        self.items = read_items(data.train_prompts, data.train_edits)
+        self.eval_items = read_items(data.eval_prompts, data.eval_edits)[: config.eval.num_prompts] if (data.eval_prompts or data.eval_edits) else []
+        self._sources: dict = {}
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
-        self.prompts = read_prompts(config.data.train_prompts)
-        self.eval_prompts = read_prompts(config.data.eval_prompts)[: config.eval.num_prompts] if config.data.eval_prompts else []
 
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.model.adapter != "sd3")]
+        from models import adapter_class
+
+        # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
+        unused = getattr(adapter_class(config.model.adapter), "find_unused_parameters", False)
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
         cpu_ranks = world_size > 1 and not torch.cuda.is_available()
         deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         if cpu_ranks and deepspeed_launch:
@@ -197,20 +203,20 @@ class Trainer:
 
     def run(self) -> None:
         config, acc = self.config, self.accelerator
-        if self.start_epoch == 1 and self.eval_prompts and config.eval.before_training:
+        if self.start_epoch == 1 and self.eval_items and config.eval.before_training:
             self.tracker.log(self.evaluate(0), 0)
         epochs = range(self.start_epoch, config.num_epochs + 1)
         for epoch in tqdm(epochs, desc="epochs", disable=not self.show):
             metrics: dict[str, float] = {}
-            prompts, sample_ids, group_ids = self.draw(epoch)
-            batch, rewards = self.sample_and_score(epoch, prompts, sample_ids, group_ids, metrics)
-            advantages, trained = self.advantages(epoch, prompts, batch, rewards, metrics)
+            items, sample_ids, group_ids = self.draw(epoch)
+            batch, rewards = self.sample_and_score(epoch, items, sample_ids, group_ids, metrics)
+            advantages, trained = self.advantages(epoch, items, batch, rewards, metrics)
             self.update(epoch, batch, advantages, trained, metrics)
             last = epoch == config.num_epochs
-            if self.eval_prompts and (last or (config.eval.every and epoch % config.eval.every == 0)):
+            if self.eval_items and (last or (config.eval.every and epoch % config.eval.every == 0)):
                 metrics.update(self.evaluate(epoch))
             if config.log.image_every and (epoch % config.log.image_every == 0 or epoch == 1):
-                self.tracker.log_images("rollout/images", batch.images[:16].numpy(), [prompts[int(r)] for r in batch.prompt_rows[:16]], epoch)
+                self.tracker.log_images("rollout/images", batch.images[:16].numpy(), [self.epoch_items[int(r)].text for r in batch.prompt_rows[:16]], epoch)
             self.tracker.log(metrics, epoch)
             acc.print(self.summary(epoch, metrics))
             if last or (config.log.save_every and epoch % config.log.save_every == 0):
@@ -221,15 +227,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def draw(self, epoch: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """This rank's samples: the epoch's prompts, its global sample ids and their group ids."""
+    def draw(self, epoch: int) -> tuple[list[Item], torch.Tensor, torch.Tensor]:
+        """This rank's samples: the epoch's items (one per group), its global sample ids and their group ids."""
         layout, config = self.layout, self.config
-        prompt_ids = draw_prompt_indices(len(self.prompts), config.sample.num_groups, seed=config.seed, epoch=epoch)
+        prompt_ids = draw_prompt_indices(len(self.items), config.sample.num_groups, seed=config.seed, epoch=epoch)
         order = torch.randperm(layout.num_samples, generator=_generator(config.seed, epoch, 1))
         positions = torch.tensor(layout.rank_positions(self.accelerator.process_index))
         sample_ids = order[positions]
         group_ids = sample_ids // layout.group_size
-        return [self.prompts[i] for i in prompt_ids], sample_ids, group_ids
+        return [self.items[i] for i in prompt_ids], sample_ids, group_ids
 
     def sde_steps(self, epoch: int) -> list[int]:
         sde = self.config.sde
@@ -238,20 +244,42 @@ class Trainer:
             window_range=sde.window_range, generator=_generator(self.config.seed, epoch, 2),
         )
 
-    def sample_and_score(self, epoch, prompts, sample_ids, group_ids, metrics) -> tuple[Rollout, dict[str, np.ndarray]]:
+    def source_images(self, items: list[Item]) -> list[np.ndarray] | None:
+        """Editing: the items' source images at the training resolution (decoded once per run)."""
+        if items and items[0].source is None:
+            return None
+        resolution = self.config.sample.resolution
+        for item in items:
+            if item.source not in self._sources:
+                self._sources[item.source] = load_source_image(item.source, resolution)
+        return [self._sources[item.source] for item in items]
+
+    def reward_batch(self, images: torch.Tensor, items: list[Item], sources: list[np.ndarray] | None):
         from rewards.base import RewardBatch
 
+        texts = [item.text for item in items]
+        return RewardBatch(
+            images=images.numpy(), prompts=texts, source_images=sources,
+            instructions=texts if sources is not None else None,
+        )
+
+    def sample_and_score(self, epoch, items, sample_ids, group_ids, metrics) -> tuple[Rollout, dict[str, np.ndarray]]:
         config = self.config
         start = time.perf_counter()
-        # Every group's prompt is encoded once per epoch and reused for sampling and training.
+        # Every group's prompt (and source image) is encoded once per epoch and reused for
+        # sampling and training.
         unique_groups, rows = torch.unique(group_ids, return_inverse=True)
-        self.epoch_prompts = [prompts[int(g)] for g in unique_groups]
-        self.cond = self.policy.encode(self.epoch_prompts)
+        self.epoch_items = [items[int(g)] for g in unique_groups]
+        sources = self.source_images(self.epoch_items)
+        self.cond = self.policy.encode([item.text for item in self.epoch_items], source_images=sources)
         futures: list[Future] = []
 
         def score_async(first: int, images: torch.Tensor) -> None:
-            texts = [self.epoch_prompts[int(r)] for r in rows[first : first + len(images)]]
-            futures.append(self.executor.submit(self.rewards.score, RewardBatch(images=images.numpy(), prompts=texts)))
+            picked = [int(r) for r in rows[first : first + len(images)]]
+            batch = self.reward_batch(
+                images, [self.epoch_items[r] for r in picked], [sources[r] for r in picked] if sources is not None else None
+            )
+            futures.append(self.executor.submit(self.rewards.score, batch))
 
         with torch.no_grad():
             batch = rollout(
@@ -280,7 +308,7 @@ class Trainer:
         metrics["time/reward_s"] = self._sum_over_ranks(sum(sum(p.seconds.values()) for p in parts))
         return batch, scores
 
-    def advantages(self, epoch: int, prompts: list[str], batch: Rollout, scores: dict[str, np.ndarray], metrics) -> tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, epoch: int, items: list[Item], batch: Rollout, scores: dict[str, np.ndarray], metrics) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather every rank's rewards and group ids, normalise per group, keep this rank's slice."""
         start = time.perf_counter()
         acc, t = self.accelerator, self.config.train
@@ -315,7 +343,7 @@ class Trainer:
             all_ids = acc.gather(batch.sample_ids.to(acc.device)).cpu()
             self.tracker.save_samples(epoch, [
                 {
-                    "sample_id": int(all_ids[i]), "group_id": int(all_groups[i]), "prompt": prompts[int(all_groups[i])],
+                    "sample_id": int(all_ids[i]), "group_id": int(all_groups[i]), "prompt": items[int(all_groups[i])].text,
                     "reward": _json_float(all_rewards[i]), "advantage": float(result.advantages[i]), "trained": bool(result.trained[i]),
                     **{f"reward/{name}": _json_float(values[i]) for name, values in gathered.items()},
                 }
@@ -425,19 +453,18 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """ODE sampling with the EMA weights on the held-out prompts; the same noise every time."""
-        from rewards.base import RewardBatch
-
         start = time.perf_counter()
         acc, config = self.accelerator, self.config
-        indices = list(range(acc.process_index, len(self.eval_prompts), acc.num_processes))
+        indices = list(range(acc.process_index, len(self.eval_items), acc.num_processes))
         local_scores: dict[str, list[float]] = {c: [] for c in self.rewards.components}
         local_reward: list[float] = []
         images = None
         if indices:
-            prompts = [self.eval_prompts[i] for i in indices]
+            items = [self.eval_items[i] for i in indices]
+            sources = self.source_images(items)
             ids = torch.tensor(indices)
             with torch.no_grad(), self.ema_weights():
-                cond = self.policy.encode(prompts)
+                cond = self.policy.encode([item.text for item in items], source_images=sources)
                 batch = rollout(
                     self.policy, cond, torch.arange(len(indices)), ids, ids,
                     seed=config.seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
@@ -445,7 +472,7 @@ class Trainer:
                     batch_size=config.eval.batch_size, sde=self.sde, sde_steps=[], progress=self.show, desc="eval",
                 )
             images = batch.images
-            scored = self.rewards.score(RewardBatch(images=images.numpy(), prompts=prompts))
+            scored = self.rewards.score(self.reward_batch(images, items, sources))
             for c in local_scores:
                 local_scores[c] = scored.scores[c].tolist()
             # Each held-out prompt is its own group: no group normalisation here.
@@ -456,7 +483,7 @@ class Trainer:
         metrics["eval/reward/mean"] = _nanmean(np.array(self._gather_list(local_reward), dtype=np.float64))
         metrics["time/eval_s"] = time.perf_counter() - start
         if images is not None and acc.is_main_process:
-            self.tracker.log_images("eval/images", images[:16].numpy(), self.eval_prompts[: len(indices)][:16], epoch)
+            self.tracker.log_images("eval/images", images[:16].numpy(), [item.text for item in items[:16]], epoch)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints and helpers
@@ -516,7 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    Trainer(config).run()
+    try:
+        trainer = Trainer(config)
+    except DataError as err:
+        # Raised while reading the data files, before any model loads.
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    trainer.run()
     return 0
 
 
