@@ -49,10 +49,10 @@ def make_sd3_policy(tiny_sd3):
     from models.sd3 import SD3Policy
     from rl.config import LoraSettings, ModelConfig
 
-    def make(*, dtype: str = "fp32", use_lora: bool = True, rank: int = 4, alpha: int = 4):
+    def make(*, dtype: str = "fp32", use_lora: bool = True, rank: int = 4, alpha: int = 4, gradient_checkpointing: bool = False):
         config = ModelConfig(
             pretrained=str(tiny_sd3), dtype=dtype, max_sequence_length=32, use_lora=use_lora,
-            lora=LoraSettings(rank=rank, alpha=alpha),
+            lora=LoraSettings(rank=rank, alpha=alpha), gradient_checkpointing=gradient_checkpointing,
         )
         return SD3Policy(config, "cpu")
 

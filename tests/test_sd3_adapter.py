@@ -304,3 +304,22 @@ def test_bf16_policy_keeps_lora_and_velocity_in_fp32(make_sd3_policy):
     grads = [p.grad for p in policy.trainable_parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_sd3_policy):
+    """model.gradient_checkpointing trades compute for memory without changing the update."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = make_sd3_policy(gradient_checkpointing=checkpointing)
+        perturb_lora(policy.network, seed=3)
+        policy.network.train()
+        cond = policy.encode(PROMPTS[:2])
+        latents = random_latents(2, seed=4)
+        velocity = policy.velocity(latents, torch.tensor([0.7, 0.4]), cond, 4.5)
+        velocity.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in policy.network.named_parameters() if p.requires_grad})
+        assert policy.network.is_gradient_checkpointing == checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
