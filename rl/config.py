@@ -76,7 +76,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass to save memory."""
     max_sequence_length: int = 256
-    """T5 prompt length in tokens; must match what the model was trained with."""
+    """Prompt length in tokens (SD3: T5 tokens; must match what the model was trained with). Qwen-Image-Edit ignores it, as its pipelines do."""
 
 
 @dataclass

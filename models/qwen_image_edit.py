@@ -1,0 +1,422 @@
+"""Policy adapter for Qwen-Image-Edit (diffusers QwenImageEditPipeline; QwenImageEditPlusPipeline
+for the 2509 / 2511 checkpoints).
+
+Everything Qwen-specific lives here: the VL text encoder that reads the instruction together with
+the source image, packed 2x2 latents, the source image's VAE latents appended to the noisy tokens
+along the sequence, per-sample image shapes for RoPE, the dynamic (resolution-dependent) shift of
+the sigma schedule, true CFG with the per-token norm rescale, and the frame axis of the 3D VAE.
+
+Unlike the stock pipeline, which resizes every source image to about 1024x1024 (16k condition
+tokens), the condition is used at the size the caller gives (the training resolution).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus_module
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+# ProcessorMixin is imported by name on purpose: a pipeline saved with ImageOnlyQwen2VLProcessor
+# records this module as the processor's library, and diffusers finds the processor's load method
+# by looking the base classes up by name in that module.
+from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
+
+from models.base import lora_disabled
+from rl.config import ModelConfig
+from rl.sde import draw_noise
+
+__all__ = ["ImageOnlyQwen2VLProcessor", "QwenEditConditioning", "QwenImageEditPolicy", "NEGATIVE_PROMPT"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FULL_WEIGHTS_FILE = "transformer.safetensors"
+# The negative prompt of the Qwen-Image-Edit model card (true CFG needs a negative prompt; a single
+# space, not the empty string).
+NEGATIVE_PROMPT = " "
+PIPELINE_CLASSES = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without a video processor.
+
+    transformers 5 builds Qwen2-VL's video processor on torchvision; without torchvision the stock
+    processor cannot be built or loaded. Editing never passes videos, so this subclass drops that
+    attribute (ProcessorMixin derives its sub-processors from the __init__ signature) and works with
+    the PIL image processor. A pipeline saved with it loads through
+    `QwenImageEditPipeline.from_pretrained` once this module is imported.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def _needs_image_only_processor(pretrained: str, revision: str | None) -> bool:
+    """True when the checkpoint names the stock Qwen2VLProcessor and torchvision is missing, so that
+    loading it as declared would fail."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return False
+    declared = DiffusionPipeline.load_config(pretrained, revision=revision).get("processor", [None, None])
+    return tuple(declared) == ("transformers", "Qwen2VLProcessor")
+
+
+def _pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack [L_i, D] rows into [N, max L, D] zero-padded embeddings and an [N, max L] bool mask."""
+    length = max(row.shape[0] for row in rows)
+    embeds = rows[0].new_zeros((len(rows), length, rows[0].shape[1]))
+    mask = torch.zeros((len(rows), length), dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        embeds[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = True
+    return embeds, mask
+
+
+def _trim(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop trailing columns that are padding in every row (less attention work per forward)."""
+    length = int(mask.sum(dim=1).max())
+    return embeds[:, :length], mask[:, :length]
+
+
+def _concat_padded(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate two (embeds [B, L, D], mask [B, L]) batches along the batch, padding to one length."""
+    length = max(first[0].shape[1], second[0].shape[1])
+
+    def pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = length - embeds.shape[1]
+        return (
+            torch.nn.functional.pad(embeds, (0, 0, 0, extra)),
+            torch.nn.functional.pad(mask, (0, extra), value=False),
+        )
+
+    (a, mask_a), (b, mask_b) = pad(*first), pad(*second)
+    return torch.cat([a, b]), torch.cat([mask_a, mask_b])
+
+
+@dataclass
+class QwenEditConditioning:
+    """P encoded (instruction, source image) pairs, one row each."""
+
+    prompt_embeds: torch.Tensor  # [P, L, D] VL hidden states of the instruction with the source image, zero-padded
+    prompt_mask: torch.Tensor  # [P, L] bool, True on real tokens
+    negative_embeds: torch.Tensor  # [P, Ln, D] the same for the negative prompt (it sees the same image)
+    negative_mask: torch.Tensor  # [P, Ln] bool
+    image_latents: torch.Tensor  # [P, S_cond, 4 C] packed, normalised VAE latents of the source image
+    image_grid: tuple[int, int]  # (rows, cols) of the packed source-image token grid; S_cond = rows * cols
+
+    def take(self, index: torch.Tensor) -> "QwenEditConditioning":
+        index = index.to(self.prompt_embeds.device)
+        embeds, mask = _trim(self.prompt_embeds[index], self.prompt_mask[index])
+        negative, negative_mask = _trim(self.negative_embeds[index], self.negative_mask[index])
+        return QwenEditConditioning(embeds, mask, negative, negative_mask, self.image_latents[index], self.image_grid)
+
+
+class QwenImageEditPolicy:
+    """models.base.Policy for Qwen-Image-Edit checkpoints.
+
+    Uses config.pretrained / revision / build_tiny_if_missing / dtype / use_lora / lora /
+    gradient_checkpointing. config.max_sequence_length is not used: the text length is that of the
+    instruction plus the source image's VL tokens, and the stock edit pipelines do not truncate it
+    either (they accept the argument and ignore it).
+    """
+
+    # With LoRA on Qwen-Image some adapter weights get no gradient (the last block's text-stream
+    # outputs feed nothing the image tokens read), so DDP must look for unused parameters.
+    find_unused_parameters = True
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
+        self.config = config
+        self.device = torch.device(device)
+        self.compute_dtype = DTYPES[config.dtype]
+        if config.build_tiny_if_missing:
+            from models.tiny_qwen import ensure_tiny_qwen_image_edit
+
+            ensure_tiny_qwen_image_edit(config.pretrained)
+        extra = {}
+        if _needs_image_only_processor(config.pretrained, config.revision):
+            extra["processor"] = ImageOnlyQwen2VLProcessor.from_pretrained(
+                config.pretrained, subfolder="processor", revision=config.revision
+            )
+        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
+        # weights) and runs under autocast.
+        pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype, **extra)
+        if not isinstance(pipe, PIPELINE_CLASSES):
+            raise ValueError(
+                f"{config.pretrained} holds a {type(pipe).__name__}; the qwen_image_edit adapter needs a "
+                "QwenImageEditPipeline or QwenImageEditPlusPipeline checkpoint (e.g. Qwen/Qwen-Image-Edit)"
+            )
+        if pipe.transformer.config.guidance_embeds:
+            raise ValueError(f"{config.pretrained}: guidance-distilled transformers (guidance_embeds=True) are not supported")
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
+            module.requires_grad_(False).eval().to(self.device)
+        self.pipe = pipe
+        # Plus checkpoints were trained with the VL encoder seeing the source image at about
+        # 384x384 (its own constant); the original Edit model sees the same image as the VAE.
+        self._vl_image_area = edit_plus_module.CONDITION_IMAGE_SIZE if isinstance(pipe, QwenImageEditPlusPipeline) else None
+        self.network = pipe.transformer
+        self._reference_copy = None
+        if config.use_lora:
+            self.network.add_adapter(
+                LoraConfig(
+                    r=config.lora.rank,
+                    lora_alpha=config.lora.alpha,
+                    lora_dropout=config.lora.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora.target_modules),
+                )
+            )
+            # Adapters train in fp32 even when the frozen base runs in bf16 (stable Adam updates).
+            cast_training_params(self.network, dtype=torch.float32)
+        else:
+            self.network.to(torch.float32)
+            if needs_reference:
+                self._reference_copy = copy.deepcopy(self.network).requires_grad_(False)
+                self._reference_copy.to(self.compute_dtype)
+            self.network.requires_grad_(True)
+        if config.gradient_checkpointing:
+            self.network.enable_gradient_checkpointing()
+        self.transformer = self.network
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def _multiple(self) -> int:
+        """Image sides must be multiples of this: VAE downsampling times the 2x2 latent packing."""
+        return self.pipe.vae_scale_factor * 2
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.network.config.in_channels // 4
+
+    def _grid_side(self, resolution: int) -> int:
+        """Side of the packed token grid of a square image of `resolution` pixels."""
+        if resolution % self._multiple:
+            raise ValueError(f"resolution {resolution} must be a multiple of {self._multiple} for this Qwen-Image VAE")
+        return resolution // self._multiple
+
+    @staticmethod
+    def _side_of_tokens(count: int) -> int:
+        side = int(round(count**0.5))
+        if side * side != count:
+            raise ValueError(f"{count} latent tokens do not form a square grid; images are square (sample.resolution)")
+        return side
+
+    # ------------------------------------------------------------------ conditioning
+
+    @staticmethod
+    def _to_pil(image) -> Image.Image:
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"source images must be uint8 [H, W, 3] arrays, got {array.dtype} {array.shape}")
+        return Image.fromarray(array)
+
+    def _encode_one(self, prompt: str, image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Instruction and negative embeddings [L, D] and packed source latents [S, 4C] of one pair."""
+        pil = self._to_pil(image)
+        width, height = pil.size
+        if height % self._multiple or width % self._multiple:
+            raise ValueError(
+                f"source image of {width}x{height} px: sides must be multiples of {self._multiple}; "
+                "resize source images to the training resolution"
+            )
+        vl_image = pil
+        if self._vl_image_area is not None:
+            vl_width, vl_height = edit_plus_module.calculate_dimensions(self._vl_image_area, width / height)
+            vl_image = self.pipe.image_processor.resize(pil, vl_height, vl_width)
+        embeds = []
+        for text in (prompt, NEGATIVE_PROMPT):
+            # The pipeline's own prompt encoding: the VL model reads the instruction and the image.
+            row, _ = self.pipe.encode_prompt(prompt=[text], image=vl_image, device=self.device)
+            embeds.append(row[0])
+        pixels = self.pipe.image_processor.preprocess(pil, height, width).unsqueeze(2)  # [1, 3, 1, H, W]
+        latents = self.pipe._encode_vae_image(pixels.to(self.device, self.pipe.vae.dtype), generator=None)
+        latent_height, latent_width = latents.shape[3:]
+        packed = self.pipe._pack_latents(latents, 1, self._latent_channels, latent_height, latent_width)
+        return embeds[0], embeds[1], packed[0], (latent_height // 2, latent_width // 2)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], source_images: Sequence | None = None) -> QwenEditConditioning:
+        """Encode (instruction, source image) pairs; row i belongs to prompts[i].
+
+        Each pair is encoded on its own (batch of one, as the stock pipeline does), so a row's
+        embeddings do not depend on which other prompts share the call. encode_prompt is not under
+        no_grad by itself; the decorator keeps cached embeddings out of the autograd graph.
+        """
+        if not prompts:
+            raise ValueError("encode needs at least one instruction")
+        if source_images is None:
+            raise ValueError("the qwen_image_edit adapter edits images: pass one source image per instruction (data.train_edits)")
+        if len(source_images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} instructions but {len(source_images)} source images; pass one image per instruction")
+        rows = [self._encode_one(prompt, image) for prompt, image in zip(prompts, source_images)]
+        grids = {row[3] for row in rows}
+        if len(grids) > 1:
+            raise ValueError(f"source images of one batch must share one size, got latent grids {sorted(grids)}")
+        prompt_embeds, prompt_mask = _pad_rows([row[0] for row in rows])
+        negative_embeds, negative_mask = _pad_rows([row[1] for row in rows])
+        return QwenEditConditioning(
+            prompt_embeds=prompt_embeds,
+            prompt_mask=prompt_mask,
+            negative_embeds=negative_embeds,
+            negative_mask=negative_mask,
+            image_latents=torch.stack([row[2] for row in rows]),
+            image_grid=grids.pop(),
+        )
+
+    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+        """The pipeline scheduler's own schedule at this image size: the stock initial sigmas
+        linspace(1, 1/N, N), shifted with mu from the image token count (Qwen-Image's dynamic
+        shift), then the terminal 0. Bigger images get a stronger shift."""
+        image_seq_len = self._grid_side(resolution) ** 2
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        settings = scheduler.config
+        mu = edit_module.calculate_shift(
+            image_seq_len,
+            settings.get("base_image_seq_len", 256),
+            settings.get("max_image_seq_len", 4096),
+            settings.get("base_shift", 0.5),
+            settings.get("max_shift", 1.15),
+        )
+        edit_module.retrieve_timesteps(
+            scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu
+        )
+        return scheduler.sigmas.to(torch.float32)
+
+    def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond: QwenEditConditioning | None = None) -> torch.Tensor:
+        """[B, S, 4C] packed float32 noise; each sample's [C, h, w] noise comes from its own generator."""
+        latent_side = 2 * self._grid_side(resolution)
+        noise = draw_noise((len(generators), self._latent_channels, latent_side, latent_side), list(generators), device=self.device)
+        return self.pipe._pack_latents(noise, len(generators), self._latent_channels, latent_side, latent_side)
+
+    # ------------------------------------------------------------------ model calls
+
+    def _autocast(self):
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: QwenEditConditioning,
+        guidance_scale: float,
+        *,
+        network: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Guided velocity [B, S, 4C], float32.
+
+        The transformer reads the noisy tokens followed by the source image's tokens (one RoPE
+        grid each) and predicts for all; only the first S (the noisy image's) are kept. With
+        guidance_scale > 1, conditional and negative halves run in ONE forward, their text padded
+        to one length and masked.
+        """
+        network = network if network is not None else self.transformer
+        batch, seq = latents.shape[:2]
+        side = self._side_of_tokens(seq)
+        # The pipeline feeds timestep / 1000 with timestep = 1000 sigma: the model's timestep is sigma.
+        timestep = sigma.to(self.device, torch.float32).expand(batch)
+        embeds, mask = cond.prompt_embeds, cond.prompt_mask
+        image_latents = cond.image_latents
+        guided = guidance_scale > 1.0
+        if guided:
+            embeds, mask = _concat_padded((cond.prompt_embeds, cond.prompt_mask), (cond.negative_embeds, cond.negative_mask))
+            latents = torch.cat([latents, latents])
+            image_latents = torch.cat([image_latents, image_latents])
+            timestep = torch.cat([timestep, timestep])
+        hidden = torch.cat([latents.to(self.compute_dtype), image_latents.to(self.compute_dtype)], dim=1)
+        img_shapes = [[(1, side, side), (1, *cond.image_grid)]] * hidden.shape[0]
+        # No mask when nothing is padded: the stock pipeline passes None then, and unmasked
+        # attention can use the fastest kernels.
+        attention_mask = None if bool(mask.all()) else mask
+        with self._autocast():
+            out = network(
+                hidden_states=hidden,
+                timestep=timestep,
+                encoder_hidden_states=embeds.to(self.compute_dtype),
+                encoder_hidden_states_mask=attention_mask,
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
+        out = out[:, :seq].float()
+        if guided:
+            conditional, negative = out.chunk(2)
+            combined = negative + guidance_scale * (conditional - negative)
+            # Qwen-Image's true CFG keeps each token's velocity norm that of the conditional
+            # prediction (as in the diffusers Qwen-Image pipelines).
+            scale = conditional.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
+            out = combined * scale
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, cond: QwenEditConditioning | None = None) -> torch.Tensor:
+        """[B, H, W, 3] uint8 images on the CPU from packed latents [B, S, 4C]."""
+        vae = self.pipe.vae
+        resolution = self._side_of_tokens(latents.shape[1]) * self._multiple
+        latents = self.pipe._unpack_latents(latents, resolution, resolution, self.pipe.vae_scale_factor)  # [B, C, 1, h, w]
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+        latents = latents.float() * std + mean
+        # The Qwen-Image VAE is a video VAE: one frame in, one frame out.
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0][:, :, 0].float()
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu()
+
+    # ------------------------------------------------------------------ training state
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        if self.config.use_lora:
+            with lora_disabled(self.network):
+                yield self.transformer
+        else:
+            if self._reference_copy is None:
+                raise RuntimeError("full fine-tuning without a reference copy: build QwenImageEditPolicy with needs_reference=True")
+            yield self._reference_copy
+
+    def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """LoRA weights (peft names) or the full transformer; `full_state_dict` is a gathered
+        state dict (ZeRO-3) to take them from instead of the local module."""
+        if self.config.use_lora:
+            return get_peft_model_state_dict(self.network, state_dict=full_state_dict)
+        return full_state_dict if full_state_dict is not None else self.network.state_dict()
+
+    def save_trainable(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        state_dict = state_dict if state_dict is not None else self.trainable_state_dict()
+        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        if self.config.use_lora:
+            # The adapter metadata carries lora_alpha: without it load_lora_weights assumes
+            # alpha == rank and a LoRA trained with alpha != rank loads at the wrong strength.
+            QwenImageEditPipeline.save_lora_weights(
+                directory, transformer_lora_layers=state_dict,
+                transformer_lora_adapter_metadata=self.network.peft_config["default"].to_dict(),
+            )
+        else:
+            save_file(state_dict, str(Path(directory) / FULL_WEIGHTS_FILE))
+
+    def load_trainable(self, directory: str | Path) -> None:
+        if self.config.use_lora:
+            lora = QwenImageEditPipeline.lora_state_dict(str(directory))
+            prefix = "transformer."
+            lora = {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(self.network, lora, adapter_name="default")
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"LoRA checkpoint in {directory} does not match the adapter config: unexpected keys {result.unexpected_keys[:5]}")
+            cast_training_params(self.network, dtype=torch.float32)
+        else:
+            self.network.load_state_dict(load_file(str(Path(directory) / FULL_WEIGHTS_FILE)))
