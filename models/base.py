@@ -5,6 +5,8 @@ stays in the adapter."""
 from __future__ import annotations
 
 import contextlib
+import copy
+from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import torch
@@ -68,3 +70,107 @@ def lora_disabled(network: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         network.enable_adapters()
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FULL_WEIGHTS_FILE = "transformer.safetensors"
+
+
+class DiffusersPolicy:
+    """What every diffusers-based adapter shares: LoRA or full fine-tuning of `pipe.transformer`,
+    the reference policy, autocast, and saving the trainable weights in the pipeline's own format.
+    A subclass loads `self.pipe`, sets `self.config`, `self.device`, `self.compute_dtype`, then
+    calls `_setup_training`."""
+
+    pipe: "object"
+    config: "object"
+    device: torch.device
+    compute_dtype: torch.dtype
+
+    def _setup_training(self, needs_reference: bool) -> None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        config = self.config
+        self.network = self.pipe.transformer
+        self._reference_copy = None
+        if config.use_lora:
+            self.network.add_adapter(
+                LoraConfig(
+                    r=config.lora.rank,
+                    lora_alpha=config.lora.alpha,
+                    lora_dropout=config.lora.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora.target_modules),
+                )
+            )
+            # Adapters train in fp32 even when the frozen base runs in bf16 (stable Adam updates).
+            cast_training_params(self.network, dtype=torch.float32)
+        else:
+            # Fully trained weights stay fp32 (master weights) and run under autocast.
+            self.network.to(torch.float32)
+            if needs_reference:
+                self._reference_copy = copy.deepcopy(self.network).requires_grad_(False)
+                self._reference_copy.to(self.compute_dtype)
+            self.network.requires_grad_(True)
+        if config.gradient_checkpointing:
+            self.network.enable_gradient_checkpointing()
+        self.transformer = self.network
+
+    def _autocast(self):
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        if self.config.use_lora:
+            with lora_disabled(self.network):
+                yield self.transformer
+        else:
+            if self._reference_copy is None:
+                raise RuntimeError(f"full fine-tuning without a reference copy: build {type(self).__name__} with needs_reference=True")
+            yield self._reference_copy
+
+    def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """LoRA weights (peft names) or the full transformer; `full_state_dict` is a gathered
+        state dict (ZeRO-3) to take them from instead of the local module."""
+        from peft.utils import get_peft_model_state_dict
+
+        if self.config.use_lora:
+            return get_peft_model_state_dict(self.network, state_dict=full_state_dict)
+        return full_state_dict if full_state_dict is not None else self.network.state_dict()
+
+    def save_trainable(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """LoRA in the format `pipe.load_lora_weights` reads, or the full transformer weights."""
+        from safetensors.torch import save_file
+
+        state_dict = state_dict if state_dict is not None else self.trainable_state_dict()
+        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        if self.config.use_lora:
+            # The adapter metadata carries lora_alpha: without it load_lora_weights assumes
+            # alpha == rank and a LoRA trained with alpha != rank loads at the wrong strength.
+            type(self.pipe).save_lora_weights(
+                directory, transformer_lora_layers=state_dict,
+                transformer_lora_adapter_metadata=self.network.peft_config["default"].to_dict(),
+            )
+        else:
+            save_file(state_dict, str(Path(directory) / FULL_WEIGHTS_FILE))
+
+    def load_trainable(self, directory: str | Path) -> None:
+        from diffusers.training_utils import cast_training_params
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.config.use_lora:
+            lora = type(self.pipe).lora_state_dict(str(directory))
+            prefix = "transformer."
+            lora = {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(self.network, lora, adapter_name="default")
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"LoRA checkpoint in {directory} does not match the adapter config: unexpected keys {result.unexpected_keys[:5]}")
+            cast_training_params(self.network, dtype=torch.float32)
+        else:
+            self.network.load_state_dict(load_file(str(Path(directory) / FULL_WEIGHTS_FILE)))

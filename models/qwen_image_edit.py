@@ -12,37 +12,29 @@ tokens), the condition is used at the size the caller gives (the training resolu
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus_module
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 # ProcessorMixin is imported by name on purpose: a pipeline saved with ImageOnlyQwen2VLProcessor
 # records this module as the processor's library, and diffusers finds the processor's load method
 # by looking the base classes up by name in that module.
 from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
 
-from models.base import lora_disabled
+from models.base import DTYPES, DiffusersPolicy
 from rl.config import ModelConfig
 from rl.sde import draw_noise
 
 __all__ = ["ImageOnlyQwen2VLProcessor", "QwenEditConditioning", "QwenImageEditPolicy", "NEGATIVE_PROMPT"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FULL_WEIGHTS_FILE = "transformer.safetensors"
 # The negative prompt of the Qwen-Image-Edit model card (true CFG needs a negative prompt; a single
 # space, not the empty string).
 NEGATIVE_PROMPT = " "
@@ -122,7 +114,7 @@ class QwenEditConditioning:
         return QwenEditConditioning(embeds, mask, negative, negative_mask, self.image_latents[index], self.image_grid)
 
 
-class QwenImageEditPolicy:
+class QwenImageEditPolicy(DiffusersPolicy):
     """models.base.Policy for Qwen-Image-Edit checkpoints.
 
     Uses config.pretrained / revision / build_tiny_if_missing / dtype / use_lora / lora /
@@ -165,29 +157,7 @@ class QwenImageEditPolicy:
         # Plus checkpoints were trained with the VL encoder seeing the source image at about
         # 384x384 (its own constant); the original Edit model sees the same image as the VAE.
         self._vl_image_area = edit_plus_module.CONDITION_IMAGE_SIZE if isinstance(pipe, QwenImageEditPlusPipeline) else None
-        self.network = pipe.transformer
-        self._reference_copy = None
-        if config.use_lora:
-            self.network.add_adapter(
-                LoraConfig(
-                    r=config.lora.rank,
-                    lora_alpha=config.lora.alpha,
-                    lora_dropout=config.lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora.target_modules),
-                )
-            )
-            # Adapters train in fp32 even when the frozen base runs in bf16 (stable Adam updates).
-            cast_training_params(self.network, dtype=torch.float32)
-        else:
-            self.network.to(torch.float32)
-            if needs_reference:
-                self._reference_copy = copy.deepcopy(self.network).requires_grad_(False)
-                self._reference_copy.to(self.compute_dtype)
-            self.network.requires_grad_(True)
-        if config.gradient_checkpointing:
-            self.network.enable_gradient_checkpointing()
-        self.transformer = self.network
+        self._setup_training(needs_reference)
 
     # ------------------------------------------------------------------ sizes
 
@@ -302,10 +272,6 @@ class QwenImageEditPolicy:
 
     # ------------------------------------------------------------------ model calls
 
-    def _autocast(self):
-        enabled = self.compute_dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
-
     def velocity(
         self,
         latents: torch.Tensor,
@@ -373,50 +339,3 @@ class QwenImageEditPolicy:
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0][:, :, 0].float()
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
-
-    # ------------------------------------------------------------------ training state
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.network.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[torch.nn.Module]:
-        if self.config.use_lora:
-            with lora_disabled(self.network):
-                yield self.transformer
-        else:
-            if self._reference_copy is None:
-                raise RuntimeError("full fine-tuning without a reference copy: build QwenImageEditPolicy with needs_reference=True")
-            yield self._reference_copy
-
-    def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """LoRA weights (peft names) or the full transformer; `full_state_dict` is a gathered
-        state dict (ZeRO-3) to take them from instead of the local module."""
-        if self.config.use_lora:
-            return get_peft_model_state_dict(self.network, state_dict=full_state_dict)
-        return full_state_dict if full_state_dict is not None else self.network.state_dict()
-
-    def save_trainable(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        state_dict = state_dict if state_dict is not None else self.trainable_state_dict()
-        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        if self.config.use_lora:
-            # The adapter metadata carries lora_alpha: without it load_lora_weights assumes
-            # alpha == rank and a LoRA trained with alpha != rank loads at the wrong strength.
-            QwenImageEditPipeline.save_lora_weights(
-                directory, transformer_lora_layers=state_dict,
-                transformer_lora_adapter_metadata=self.network.peft_config["default"].to_dict(),
-            )
-        else:
-            save_file(state_dict, str(Path(directory) / FULL_WEIGHTS_FILE))
-
-    def load_trainable(self, directory: str | Path) -> None:
-        if self.config.use_lora:
-            lora = QwenImageEditPipeline.lora_state_dict(str(directory))
-            prefix = "transformer."
-            lora = {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
-            result = set_peft_model_state_dict(self.network, lora, adapter_name="default")
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"LoRA checkpoint in {directory} does not match the adapter config: unexpected keys {result.unexpected_keys[:5]}")
-            cast_training_params(self.network, dtype=torch.float32)
-        else:
-            self.network.load_state_dict(load_file(str(Path(directory) / FULL_WEIGHTS_FILE)))

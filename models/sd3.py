@@ -6,25 +6,17 @@ saved in the format `pipe.load_lora_weights` reads) or the full transformer.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 
-from models.base import lora_disabled
+from models.base import DTYPES, DiffusersPolicy
 from rl.config import ModelConfig
 from rl.sde import draw_noise
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FULL_WEIGHTS_FILE = "transformer.safetensors"
 
 
 @dataclass
@@ -39,7 +31,7 @@ class SD3Conditioning:
         return SD3Conditioning(self.prompt_embeds[index], self.pooled_embeds[index], self.negative_embeds, self.negative_pooled)
 
 
-class SD3Policy:
+class SD3Policy(DiffusersPolicy):
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
         self.config = config
         self.device = torch.device(device)
@@ -58,29 +50,7 @@ class SD3Policy:
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
         self.pipe = pipe
-        self.network = pipe.transformer
-        self._reference_copy = None
-        if config.use_lora:
-            self.network.add_adapter(
-                LoraConfig(
-                    r=config.lora.rank,
-                    lora_alpha=config.lora.alpha,
-                    lora_dropout=config.lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora.target_modules),
-                )
-            )
-            # Adapters train in fp32 even when the frozen base runs in bf16 (stable Adam updates).
-            cast_training_params(self.network, dtype=torch.float32)
-        else:
-            self.network.to(torch.float32)
-            if needs_reference:
-                self._reference_copy = copy.deepcopy(self.network).requires_grad_(False)
-                self._reference_copy.to(self.compute_dtype)
-            self.network.requires_grad_(True)
-        if config.gradient_checkpointing:
-            self.network.enable_gradient_checkpointing()
-        self.transformer = self.network
+        self._setup_training(needs_reference)
         self._negative = None
 
     # ------------------------------------------------------------------ conditioning
@@ -120,10 +90,6 @@ class SD3Policy:
 
     # ------------------------------------------------------------------ model calls
 
-    def _autocast(self):
-        enabled = self.compute_dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
-
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: SD3Conditioning, guidance_scale: float, *, network=None) -> torch.Tensor:
         network = network if network is not None else self.transformer
         batch = latents.shape[0]
@@ -157,50 +123,3 @@ class SD3Policy:
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
-
-    # ------------------------------------------------------------------ training state
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.network.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.config.use_lora:
-            with lora_disabled(self.network):
-                yield self.transformer
-        else:
-            if self._reference_copy is None:
-                raise RuntimeError("full fine-tuning without a reference copy: build SD3Policy with needs_reference=True")
-            yield self._reference_copy
-
-    def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """LoRA weights (peft names) or the full transformer; `full_state_dict` is a gathered
-        state dict (ZeRO-3) to take them from instead of the local module."""
-        if self.config.use_lora:
-            return get_peft_model_state_dict(self.network, state_dict=full_state_dict)
-        return full_state_dict if full_state_dict is not None else self.network.state_dict()
-
-    def save_trainable(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        state_dict = state_dict if state_dict is not None else self.trainable_state_dict()
-        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        if self.config.use_lora:
-            # The adapter metadata carries lora_alpha: without it load_lora_weights assumes
-            # alpha == rank and a LoRA trained with alpha != rank loads at the wrong strength.
-            StableDiffusion3Pipeline.save_lora_weights(
-                directory, transformer_lora_layers=state_dict,
-                transformer_lora_adapter_metadata=self.network.peft_config["default"].to_dict(),
-            )
-        else:
-            save_file(state_dict, str(Path(directory) / FULL_WEIGHTS_FILE))
-
-    def load_trainable(self, directory: str | Path) -> None:
-        if self.config.use_lora:
-            lora = StableDiffusion3Pipeline.lora_state_dict(str(directory))
-            prefix = "transformer."
-            lora = {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
-            result = set_peft_model_state_dict(self.network, lora, adapter_name="default")
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"LoRA checkpoint in {directory} does not match the adapter config: unexpected keys {result.unexpected_keys[:5]}")
-            cast_training_params(self.network, dtype=torch.float32)
-        else:
-            self.network.load_state_dict(load_file(str(Path(directory) / FULL_WEIGHTS_FILE)))

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -361,7 +361,7 @@ class Trainer:
         self.policy.transformer.train()
         device = acc.device
         sigmas = batch.sigmas.to(device)
-        m, n, W = layout.per_rank_minibatch, layout.per_rank, layout.world_size
+        m, W = layout.per_rank_minibatch, layout.world_size
         # Global trained count of each minibatch, from the gathered mask: every rank knows it.
         all_trained = self.all_trained.view(W, layout.num_minibatches, m)
         counts = all_trained.sum(dim=(0, 2))
