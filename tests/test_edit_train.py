@@ -94,3 +94,36 @@ def test_two_ranks_match_one_rank_for_edits(tiny_qwen, tmp_path):
         assert two[i]["advantage"] == pytest.approx(row["advantage"], abs=1e-6)
     lora_one, lora_two = lora(tmp_path / "one"), lora(tmp_path / "two")
     assert max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one) < 1e-5
+
+
+@pytest.mark.slow
+def test_firm_edit_with_cme_end_to_end(tiny_qwen, tmp_path):
+    """An editing run rewarded by the FIRM-Edit judge (a tiny Qwen3-VL, in process) mixed with
+    CME: source images reach the judge, scores come back as 1..5 with an uncertainty, and the
+    trained reward is CME in [0, 1] (or missing, never 0 for a failed parse)."""
+    from models.tiny_vlm import build_tiny_qwen3_vl
+
+    judge = build_tiny_qwen3_vl(tmp_path / "judge")
+    run_dir = tmp_path / "firm"
+    run_cli(
+        ["configs/tiny_edit_cpu.yaml", *FAST, "num_epochs=1", "eval.before_training=false", "log.save_samples=true"]
+        + overrides(tiny_qwen, run_dir)
+        + [
+            "rewards={firm_edit: {role: train, params: {model: %s, backend: transformers, dtype: fp32, max_image_side: 32}}, edit_color: {role: monitor}}" % judge,
+            "reward_mix.kind=cme", "reward_mix.base=firm_edit/execution", "reward_mix.bonus=firm_edit/consistency",
+            "reward_mix.uncertainty_strength=1.0",
+        ]
+    )
+    metrics = read_metrics(run_dir)[-1]
+    for component in ("firm_edit/execution", "firm_edit/consistency"):
+        mean = metrics[f"reward/{component}/mean"]
+        assert 1.0 <= mean <= 5.0, (component, mean)
+        assert metrics[f"reward/{component}/uncertainty_mean"] >= 0.0
+        assert metrics[f"reward/{component}/missing"] == 0
+    assert 0.0 <= metrics["reward/mean"] <= 1.0
+    assert 0.0 < metrics["train/uncertainty_weight_mean"] <= 1.0
+    rows = samples(run_dir)
+    for row in rows.values():
+        e, c = row["reward/firm_edit/execution"], row["reward/firm_edit/consistency"]
+        expected = min(max((e - 1) / 4 * (0.6 + 0.4 * (c - 1) / 4), 0.0), 1.0)
+        assert row["reward"] == pytest.approx(expected, abs=1e-9)
