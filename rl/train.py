@@ -218,7 +218,8 @@ class Trainer:
             if config.log.image_every and (epoch % config.log.image_every == 0 or epoch == 1):
                 self.tracker.log_images("rollout/images", batch.images[:16].numpy(), [self.epoch_items[int(r)].text for r in batch.prompt_rows[:16]], epoch)
             self.tracker.log(metrics, epoch)
-            acc.print(self.summary(epoch, metrics))
+            if acc.is_main_process:
+                tqdm.write(self.summary(epoch, metrics))  # above the progress bars, not through them
             if last or (config.log.save_every and epoch % config.log.save_every == 0):
                 self.save(epoch)
         self.executor.shutdown()
