@@ -18,7 +18,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,20 @@ _VAE_SHIFT_FACTOR = 0.0609
 # of 2 latent pixels at x8 VAE downsampling allows images up to 1024 px, while keeping
 # the saved table (a persistent buffer) small.
 _POS_EMBED_MAX_SIZE = 64
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet in its own order (printable bytes first), which is also the order
+    of the first 256 entries of the Qwen2 vocabulary: single characters get their real Qwen ids."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codepoints = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codepoints.append(256 + extra)
+            extra += 1
+    return [chr(cp) for cp in codepoints]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -301,14 +315,13 @@ def build_tiny_sd3(
     return save_path
 
 
-def ensure_tiny_sd3(save_dir: str | os.PathLike[str], **kwargs: int) -> pathlib.Path:
-    """Build the tiny SD3 into save_dir only if save_dir/model_index.json does not exist yet.
+def ensure_built(save_dir: str | os.PathLike[str], build: Callable[..., object], **kwargs) -> pathlib.Path:
+    """Run build(tmp_dir, **kwargs) only if save_dir/model_index.json does not exist yet.
 
-    Safe for concurrent callers (e.g. several ranks or test workers): each builds into a
-    private sibling directory and renames it into place atomically, so readers never see
-    a half-written pipeline. The loser of a rename race discards its copy and uses the
-    winner's. Extra keyword arguments go to build_tiny_sd3; an existing cache is reused
-    as is, whatever they say.
+    Safe for concurrent callers (several ranks or test workers): each builds into a private
+    sibling directory and renames it into place atomically, so readers never see a half-written
+    pipeline. The loser of a rename race discards its copy and uses the winner's. An existing
+    pipeline is reused as is, whatever kwargs say.
     """
     save_path = pathlib.Path(save_dir)
     if (save_path / "model_index.json").is_file():
@@ -317,7 +330,7 @@ def ensure_tiny_sd3(save_dir: str | os.PathLike[str], **kwargs: int) -> pathlib.
     save_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = pathlib.Path(tempfile.mkdtemp(prefix=f".{save_path.name}.tmp-", dir=save_path.parent))
     try:
-        build_tiny_sd3(tmp_path, **kwargs)
+        build(tmp_path, **kwargs)
         try:
             # rename(2) replaces an empty target directory but fails on a populated one,
             # which is exactly the "someone else won" case.
@@ -332,6 +345,11 @@ def ensure_tiny_sd3(save_dir: str | os.PathLike[str], **kwargs: int) -> pathlib.
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
     return save_path
+
+
+def ensure_tiny_sd3(save_dir: str | os.PathLike[str], **kwargs: int) -> pathlib.Path:
+    """Build the tiny SD3 into save_dir unless it is already there (see ensure_built)."""
+    return ensure_built(save_dir, build_tiny_sd3, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,12 +14,9 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import errno
 import re
 import os
 import pathlib
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 
@@ -34,6 +31,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from models.qwen_image_edit import ImageOnlyQwen2VLProcessor
+from models.tiny import byte_alphabet, ensure_built
 
 __all__ = ["build_tiny_qwen_image_edit", "ensure_tiny_qwen_image_edit", "main"]
 
@@ -90,20 +88,6 @@ _SCHEDULER_CONFIG = {
 }
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2's byte-level alphabet in its own order (printable bytes first), which is also the order
-    of the first 256 entries of the Qwen2 vocabulary: single characters get their real Qwen ids."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codepoints = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codepoints.append(256 + extra)
-            extra += 1
-    return [chr(cp) for cp in codepoints]
-
-
 def _template_pieces(tokenizer: Qwen2Tokenizer) -> list[str]:
     """The pre-tokenized words (in the byte-level alphabet) of the pipelines' prompt templates,
     special tokens left out."""
@@ -152,7 +136,7 @@ def _build_tokenizer() -> Qwen2Tokenizer:
     making instruction and negative prompt nearly identical); with word merges exactly the system
     prompt is dropped, as with the real model. Instructions themselves stay mostly byte-level.
     """
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     plain = Qwen2Tokenizer(vocab={piece: idx for idx, piece in enumerate(alphabet)}, merges=[], unk_token=None, bos_token=None, eos_token=None, pad_token=None)
     merges = _learn_merges(_template_pieces(plain))
     pieces = alphabet + list(dict.fromkeys(first + second for first, second in merges))
@@ -261,31 +245,9 @@ def build_tiny_qwen_image_edit(save_dir: str | os.PathLike[str], *, seed: int = 
 
 
 def ensure_tiny_qwen_image_edit(save_dir: str | os.PathLike[str], **kwargs: int) -> pathlib.Path:
-    """Build the tiny pipeline into save_dir only if save_dir/model_index.json does not exist yet.
-
-    Safe for concurrent callers (several ranks or test workers): each builds into a private
-    sibling directory and renames it into place atomically; the loser of the race discards its
-    copy. An existing pipeline is reused as is, whatever kwargs say.
-    """
-    save_path = pathlib.Path(save_dir)
-    if (save_path / "model_index.json").is_file():
-        return save_path
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix=f".{save_path.name}.tmp-", dir=save_path.parent))
-    try:
-        build_tiny_qwen_image_edit(tmp_path, **kwargs)
-        try:
-            # rename(2) replaces an empty target directory but fails on a populated one, which is
-            # exactly the "someone else won" case.
-            os.rename(tmp_path, save_path)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            if not (save_path / "model_index.json").is_file():
-                raise FileExistsError(f"{save_path} exists but holds no model_index.json; remove it to rebuild") from exc
-    finally:
-        shutil.rmtree(tmp_path, ignore_errors=True)
-    return save_path
+    """Build the tiny Qwen-Image-Edit pipeline into save_dir unless it is already there (see
+    models.tiny.ensure_built: atomic, safe for concurrent callers)."""
+    return ensure_built(save_dir, build_tiny_qwen_image_edit, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

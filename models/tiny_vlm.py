@@ -26,6 +26,7 @@ from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGen
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from rewards.firm import ImageOnlyQwen3VLProcessor
+from models.tiny import byte_alphabet
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tiny_qwen3_vl", "main"]
 
@@ -66,24 +67,10 @@ _PATCH, _MERGE = 16, 2
 _MIN_PIXELS, _MAX_PIXELS = 32 * 32, 128 * 128
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2's byte-level alphabet in its own order (printable bytes first), which is also the order
-    of the first 256 entries of the Qwen2 vocabulary: single characters get their real Qwen ids."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codepoints = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codepoints.append(256 + extra)
-            extra += 1
-    return [chr(cp) for cp in codepoints]
-
-
 def _build_tokenizer() -> Qwen2Tokenizer:
     """Byte-level Qwen2 tokenizer with no merges (one token per byte) plus Qwen's special tokens.
     Qwen's pre-tokenizer splits digits and the space before them, as in the real vocabulary."""
-    vocab = {piece: index for index, piece in enumerate(_byte_alphabet() + SPECIAL_TOKENS)}
+    vocab = {piece: index for index, piece in enumerate(byte_alphabet() + SPECIAL_TOKENS)}
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=[],
