@@ -106,7 +106,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
         from diffusers.optimization import get_scheduler
 
-        from models import build_policy
+        from models import adapter_class, build_policy
         from rewards.runner import RewardRunner
         from rl import checkpoint
 
@@ -119,8 +119,6 @@ class Trainer:
         self.eval_items = read_items(data.eval_prompts, data.eval_edits)[: config.eval.num_prompts] if (data.eval_prompts or data.eval_edits) else []
         self._sources: dict = {}
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
-
-        from models import adapter_class
 
         # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
         unused = getattr(adapter_class(config.model.adapter), "find_unused_parameters", False)
