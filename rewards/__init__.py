@@ -43,6 +43,12 @@ def _firm_edit(**kwargs):
     return FirmEdit(**kwargs)
 
 
+def _shapes_geneval(**kwargs):
+    from rewards.shapes_geneval import ShapesGenEval
+
+    return ShapesGenEval(**kwargs)
+
+
 WORKERS: dict[str, Callable[..., RewardWorker]] = {
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
@@ -52,6 +58,7 @@ WORKERS: dict[str, Callable[..., RewardWorker]] = {
     "firm_gen": _firm_gen,
     "firm_edit": _firm_edit,
     "edit_color": EditColor,
+    "shapes_geneval": _shapes_geneval,
 }
 
 
