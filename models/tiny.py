@@ -54,40 +54,26 @@ _VAE_SHIFT_FACTOR = 0.0609
 _POS_EMBED_MAX_SIZE = 64
 
 
+def _byte_stand_ins() -> list[tuple[int, str]]:
+    """(byte, printable stand-in) pairs of GPT-2's byte-level BPE, in GPT-2's order: printable
+    bytes map to themselves first, the others to code points from 256 on."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    pairs = [(byte, chr(byte)) for byte in printable]
+    others = [byte for byte in range(256) if byte not in printable]
+    return pairs + [(byte, chr(256 + extra)) for extra, byte in enumerate(others)]
+
+
 def byte_alphabet() -> list[str]:
     """GPT-2's byte-level alphabet in its own order (printable bytes first), which is also the order
     of the first 256 entries of the Qwen2 vocabulary: single characters get their real Qwen ids."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codepoints = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codepoints.append(256 + extra)
-            extra += 1
-    return [chr(cp) for cp in codepoints]
+    return [piece for _, piece in _byte_stand_ins()]
 
 
 def _bytes_to_unicode() -> list[str]:
-    """The 256 printable stand-ins GPT-2 / CLIP byte-level BPE uses for raw bytes.
-
-    CLIPTokenizer's pre-tokenizer is ByteLevel, so its vocabulary must be spelled in this
-    alphabet for every input byte to map onto a known piece.
-    """
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codepoints = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codepoints.append(256 + extra)
-            extra += 1
-    # Order by byte value so ids are stable and human-readable (id == byte for plain pieces).
-    return [chr(cp) for _, cp in sorted(zip(printable, codepoints, strict=True))]
+    """The same alphabet ordered by byte value (id == byte for plain pieces), for the CLIP
+    tokenizer: its pre-tokenizer is ByteLevel, so its vocabulary must be spelled in this alphabet
+    for every input byte to map onto a known piece."""
+    return [piece for _, piece in sorted(_byte_stand_ins())]
 
 
 def _build_clip_tokenizer(model_max_length: int) -> CLIPTokenizer:
