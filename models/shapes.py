@@ -287,3 +287,24 @@ def split_prompts(seed: int, held_out_fraction: float = 0.15) -> tuple[list[str]
     train = [c for key in keys if key not in held_keys for c in groups[key]]
     held_out = [c for key in keys if key in held_keys for c in groups[key]]
     return train, held_out
+
+
+def balanced_prompts(captions: list[str], lines_per_kind: int = 16) -> list[str]:
+    """A prompt list in which every kind has `lines_per_kind` lines, cycling through that
+    kind's captions in order (GenEval style: each task weighs the same in the overall score).
+
+    Relation captions outnumber the others ~8:1 in any split of the caption space, so a plain
+    list would measure little but relations. A caption listed twice is sampled with other noise.
+    """
+    by_kind: dict[str, list[str]] = {}
+    for caption in captions:
+        by_kind.setdefault(caption_to_spec(caption).kind, []).append(caption)
+    lines = []
+    for kind in KINDS:
+        options = by_kind.get(kind, [])
+        if not options:
+            raise ValueError(f"no {kind!r} caption to evaluate on")
+        if len(options) > lines_per_kind:  # spread the pick over the whole list
+            options = [options[i * len(options) // lines_per_kind] for i in range(lines_per_kind)]
+        lines += [options[i % len(options)] for i in range(lines_per_kind)]
+    return lines

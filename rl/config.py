@@ -205,6 +205,8 @@ class EvalConfig:
     """Also evaluate before the first update (logged as epoch 0)."""
     num_prompts: int = 64
     """Held-out prompts per evaluation (the first ones of data.eval_prompts)."""
+    samples_per_prompt: int = 1
+    """Samples per held-out prompt, each with its own noise (more samples, less noisy metrics)."""
     num_steps: int = 40
     """ODE steps of an evaluation sample."""
     guidance_scale: float = 4.5
@@ -419,6 +421,7 @@ def validate(config: RunConfig) -> None:
         ("sample.batch_size", s.batch_size), ("sample.num_steps", s.num_steps),
         ("train.batch_size", t.batch_size), ("train.num_minibatches", t.num_minibatches),
         ("train.inner_epochs", t.inner_epochs), ("num_epochs", config.num_epochs),
+        ("eval.samples_per_prompt", config.eval.samples_per_prompt),
     ]:
         if value < 1:
             raise ConfigError(f"`{name}` must be >= 1, got {value}")

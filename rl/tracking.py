@@ -29,6 +29,7 @@ def image_grid(images: np.ndarray, columns: int = 8, pad: int = 2) -> np.ndarray
 class NullTracker:
     def log(self, metrics: dict, epoch: int) -> None: ...
     def log_images(self, key: str, images: np.ndarray, captions: list[str], epoch: int) -> Path | None: ...
+    def log_before_after(self, before: np.ndarray, after: np.ndarray, captions: list[str], epoch: int) -> None: ...
     def save_samples(self, epoch: int, rows: list[dict]) -> None: ...
     def finish(self) -> None: ...
 
@@ -83,6 +84,24 @@ class Tracker:
             import wandb
 
             self.wandb.log({key: wandb.Image(str(path), caption=" | ".join(captions[:16]))}, step=epoch)
+        return path
+
+    def log_before_after(self, before: np.ndarray, after: np.ndarray, captions: list[str], epoch: int) -> Path:
+        """run_dir/before_after.png: in blocks of 8 columns, a row of `before` images above the row
+        of `after` images of the same prompts; also logged to W&B as eval/before_after."""
+        columns = 8
+        rows = []
+        for start in range(0, len(before), columns):
+            rows += [before[start:start + columns], after[start:start + columns]]
+        width = min(columns, len(before))
+        padded = [np.concatenate([row, np.full((width - len(row), *row.shape[1:]), 255, np.uint8)]) if len(row) < width else row for row in rows]
+        path = self.run_dir / "before_after.png"
+        Image.fromarray(image_grid(np.concatenate(padded), columns=width)).save(path)
+        if self.wandb is not None:
+            import wandb
+
+            caption = "top: before training, bottom: epoch %d | " % epoch + " | ".join(captions)
+            self.wandb.log({"eval/before_after": wandb.Image(str(path), caption=caption)}, step=epoch)
         return path
 
     def save_samples(self, epoch: int, rows: list[dict]) -> None:

@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -116,7 +117,9 @@ class Trainer:
         # Data files are checked before any model loads (reward models included).
         data = config.data
         self.items = read_items(data.train_prompts, data.train_edits)
-        self.eval_items = read_items(data.eval_prompts, data.eval_edits)[: config.eval.num_prompts] if (data.eval_prompts or data.eval_edits) else []
+        eval_items = read_items(data.eval_prompts, data.eval_edits)[: config.eval.num_prompts] if (data.eval_prompts or data.eval_edits) else []
+        # Several samples per held-out prompt, each with its own noise (its own sample id).
+        self.eval_items = [item for item in eval_items for _ in range(config.eval.samples_per_prompt)]
         self._sources: dict = {}
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
 
@@ -222,6 +225,8 @@ class Trainer:
                 self.save(epoch)
         self.executor.shutdown()
         self.tracker.finish()
+        if acc.is_main_process:
+            self.print_eval_change()  # last, below W&B's run summary
         acc.end_training()
 
     # ------------------------------------------------------------------ phases
@@ -478,12 +483,48 @@ class Trainer:
             local_reward = self.rewards.trained_reward(scored.scores, group_normalize=False).tolist()
         metrics = {}
         for c, values in local_scores.items():
-            metrics[f"eval/{c}/mean"] = _nanmean(np.array(self._gather_list(values), dtype=np.float64))
-        metrics["eval/reward/mean"] = _nanmean(np.array(self._gather_list(local_reward), dtype=np.float64))
+            metrics[f"eval/{c}"] = _nanmean(np.array(self._gather_list(values), dtype=np.float64))
+        metrics["eval/reward"] = _nanmean(np.array(self._gather_list(local_reward), dtype=np.float64))
         metrics["time/eval_s"] = time.perf_counter() - start
         if images is not None and acc.is_main_process:
-            self.tracker.log_images("eval/images", images[:16].numpy(), [item.text for item in items[:16]], epoch)
+            shown = images[:: config.eval.samples_per_prompt][:16].numpy()  # one sample per prompt
+            captions = [item.text for item in items[:: config.eval.samples_per_prompt][:16]]
+            self.tracker.log_images("eval/images", shown, captions, epoch)
+            self.before_after(epoch, shown, captions)
         return metrics
+
+    def print_eval_change(self) -> None:
+        """Print every evaluation metric before training (epoch 0) and at the end, from metrics.jsonl."""
+        import json
+
+        path = Path(self.config.run_dir) / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        evals = [row for row in rows if "eval/reward" in row]
+        if len(evals) < 2 or evals[0]["epoch"] != 0:
+            return
+        first, last = evals[0], evals[-1]
+        num_prompts = len(self.eval_items) // self.config.eval.samples_per_prompt
+        lines = [f"held-out evaluation ({num_prompts} prompts x {self.config.eval.samples_per_prompt} samples, "
+                 f"epoch 0 -> epoch {last['epoch']}):"]
+        for key in first:
+            if key.startswith("eval/") and first[key] is not None and last.get(key) is not None:
+                lines.append(f"  {key}: {first[key]:.4f} -> {last[key]:.4f} ({last[key] - first[key]:+.4f})")
+        print("\n".join(lines), flush=True)
+
+    def before_after(self, epoch: int, images: np.ndarray, captions: list[str]) -> None:
+        """Keep the first evaluation's images (run_dir/images/eval_before.npz, so a resumed run
+        has them too); at the end of training, write them above the final ones as
+        run_dir/before_after.png (and log it), same prompts and same noise in each column."""
+        path = Path(self.config.run_dir) / "images" / "eval_before.npz"
+        if epoch == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, images=images)
+        elif epoch == self.config.num_epochs and path.exists():
+            before = np.load(path)["images"]
+            count = min(len(before), len(images))
+            self.tracker.log_before_after(before[:count], images[:count], captions[:count], epoch)
 
     # ------------------------------------------------------------------ checkpoints and helpers
 
@@ -494,7 +535,7 @@ class Trainer:
 
     def summary(self, epoch: int, metrics: dict) -> str:
         parts = [f"epoch {epoch}", f"reward {metrics['reward/mean']:.5g}"]
-        for key in ("train/approx_kl", "train/clipfrac", "train/onpolicy_ratio_err", "eval/reward/mean", "time/rollout_s", "time/train_s"):
+        for key in ("train/approx_kl", "train/clipfrac", "train/onpolicy_ratio_err", "eval/reward", "time/rollout_s", "time/train_s"):
             if key in metrics:
                 parts.append(f"{key.split('/')[-1]} {metrics[key]:.4g}")
         return " | ".join(parts)

@@ -1,0 +1,131 @@
+"""The demo's pretrained shapes SD3: its text path, its pretraining script, the committed weights,
+and the demo config end to end (shortened)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from models import shapes
+from models.shapes_sd3 import (
+    SPLIT_SEED,
+    TEXT_MAX_LENGTH,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    caption_words,
+    pretrain,
+)
+from conftest import ROOT, run_cli
+
+COMMITTED = ROOT / "models" / "pretrained" / "shapes-sd3"
+
+
+def _word_tokens(tokenizer, caption: str) -> list[int]:
+    ids = tokenizer(caption, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=False).input_ids
+    assert len(ids) == TEXT_MAX_LENGTH, f"{caption!r} does not fit in {TEXT_MAX_LENGTH} tokens"
+    return [i for i in ids if i not in tokenizer.all_special_ids]
+
+
+@pytest.mark.parametrize("load", [False, True], ids=["built", "committed"])
+def test_every_caption_word_is_one_token(load):
+    """Word-level text: each caption word is a single known token in all three tokenizers, every
+    caption fits the pretraining length, also for the tokenizers saved with the weights."""
+    if load:
+        pipe = StableDiffusion3Pipeline.from_pretrained(COMMITTED)
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+    else:
+        words = caption_words()
+        tokenizers = [build_clip_tokenizer(words), build_t5_tokenizer(words)]
+    for tokenizer in tokenizers:
+        for caption in shapes.all_captions():
+            assert len(_word_tokens(tokenizer, caption)) == len(caption.split()), (type(tokenizer).__name__, caption)
+        # Distinct words get distinct tokens.
+        singles = {word: tuple(_word_tokens(tokenizer, word)) for word in caption_words()}
+        assert len(set(singles.values())) == len(singles)
+
+
+def test_prompt_files_are_the_split():
+    """The demo's prompt files are exactly the pretraining split: held-out content never trained on."""
+    train, held_out = shapes.split_prompts(SPLIT_SEED)
+    folder = ROOT / "configs" / "prompts"
+    assert (folder / "shapes_train.txt").read_text().splitlines() == train
+    assert (folder / "shapes_held_out.txt").read_text().splitlines() == held_out
+    assert not set(train) & set(held_out)
+    # The demo's lists: every kind equally often, drawn from the right side of the split only.
+    for name, source, per_kind in (("shapes_train_balanced.txt", train, 64), ("shapes_eval.txt", held_out, 16)):
+        lines = (folder / name).read_text().splitlines()
+        assert lines == shapes.balanced_prompts(source, per_kind)
+        assert set(lines) <= set(source)
+        kinds = [shapes.caption_to_spec(line).kind for line in lines]
+        assert all(kinds.count(kind) == per_kind for kind in shapes.KINDS)
+
+
+def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
+    """A few steps of the real pretraining code: the pipeline it writes loads with from_pretrained,
+    samples images, and the log records the losses and the VAE check."""
+    result = pretrain(tmp_path / "model", steps=4, vae_steps=4, pool_size=64, eval_seeds=0)
+    log = json.loads((tmp_path / "model" / "pretrain_log.json").read_text())
+    assert log["steps"] == 4 and [r["step"] for r in log["log"] if r["stage"] == "transformer"] == [0, 3]
+    assert all(math.isfinite(r.get("loss_ema", r.get("mse"))) for r in log["log"])
+    assert log["vae_reconstruction_held_out"]["renders"] == 1.0
+    assert result["params"]["transformer"] > 1e6
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    vae = pipe.vae.config
+    assert vae.latent_channels == 4 and pipe.vae_scale_factor == 4
+    assert vae.scaling_factor != 1.5305 and vae.shift_factor is not None  # measured on the data
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
+                 max_sequence_length=TEXT_MAX_LENGTH, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_committed_model_draws_the_shapes_domain():
+    """The committed weights are a trained model, not noise: through the same SD3 adapter and
+    rollout code as the demo, single objects and counts of seen captions are mostly right."""
+    from models.sd3 import SD3Policy
+    from rewards.base import RewardBatch
+    from rewards.shapes_geneval import ShapesGenEval
+    from rl.config import ModelConfig
+    from rl.rollout import SDESettings, rollout
+
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle",
+               "two red squares", "a blue triangle", "a yellow square", "a green circle"]
+    policy = SD3Policy(ModelConfig(pretrained=str(COMMITTED), dtype="fp32", max_sequence_length=TEXT_MAX_LENGTH), needs_reference=False)
+    cond = policy.encode(prompts)
+    ids = torch.arange(len(prompts))
+    with torch.no_grad():
+        batch = rollout(policy, cond, ids, ids, ids, seed=0, epoch=0, num_steps=10, guidance_scale=4.5,
+                        resolution=64, batch_size=8, sde=SDESettings("flow_sde", 0.7), sde_steps=[])
+    strict = ShapesGenEval()(RewardBatch(images=batch.images.numpy(), prompts=prompts)).scores["strict"]
+    assert np.mean(strict) >= 0.5, strict
+
+
+def test_demo_config_end_to_end_shortened(tmp_path):
+    """configs/demo.yaml as shipped, shortened: held-out strict accuracy is logged before training
+    and at the end, printed as a change, and the before/after grid is a PNG in the run directory
+    and in the (offline) W&B run."""
+    from PIL import Image
+
+    run_dir = tmp_path / "demo"
+    result = run_cli([
+        "configs/demo.yaml", f"run_dir={run_dir}", "num_epochs=2", "sample.num_groups=2", "sample.group_size=4",
+        "sample.batch_size=8", "train.batch_size=4", "eval.num_prompts=4", "eval.samples_per_prompt=2", "eval.batch_size=8",
+    ])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {row["epoch"]: row for row in rows if "eval/shapes_geneval/strict" in row}
+    assert sorted(evals) == [0, 2]
+    for row in evals.values():
+        assert 0.0 <= row["eval/shapes_geneval/strict"] <= row["eval/shapes_geneval/partial"] <= 1.0
+    assert "reward/jpeg_compressibility/mean" in rows[1] and rows[1]["reward/jpeg_compressibility/is_monitor"] == 1.0
+    before, after = evals[0]["eval/shapes_geneval/strict"], evals[2]["eval/shapes_geneval/strict"]
+    assert f"eval/shapes_geneval/strict: {before:.4f} -> {after:.4f}" in result.stdout
+
+    grid = Image.open(run_dir / "before_after.png")
+    assert grid.size == (4 * 66 + 2, 2 * 66 + 2)  # 4 prompts; before row above after row
+    assert list(Path(run_dir / "wandb").rglob("before_after*.png")), "grid not logged to W&B"
