@@ -16,6 +16,7 @@ same images, forms the same minibatches and, up to float summation order, takes 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -495,8 +496,6 @@ class Trainer:
 
     def print_eval_change(self) -> None:
         """Print every evaluation metric before training (epoch 0) and at the end, from metrics.jsonl."""
-        import json
-
         path = Path(self.config.run_dir) / "metrics.jsonl"
         if not path.exists():
             return
