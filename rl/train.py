@@ -411,6 +411,34 @@ class Trainer:
         metrics["train/global_step"] = self.global_step
         metrics["time/train_s"] = time.perf_counter() - start
 
+    def policy_gradient(self, prompt_epoch: int, noise_epoch: int) -> dict[str, torch.Tensor]:
+        """The gradient of one epoch's GRPO loss at the current weights, per trainable parameter
+        name, without an optimizer step (one process only; for diagnostics such as
+        bench/grad_coherence.py). Prompts are drawn as in epoch `prompt_epoch`, sampling noise
+        as in epoch `noise_epoch`, so the same prompts can be sampled again with new noise."""
+        if self.layout.world_size != 1:
+            raise RuntimeError("policy_gradient runs in a single process")
+        metrics: dict[str, float] = {}
+        items, sample_ids, group_ids = self.draw(prompt_epoch)
+        batch, scores = self.sample_and_score(noise_epoch, items, sample_ids, group_ids, metrics)
+        advantages, trained = self.advantages(noise_epoch, items, batch, scores, metrics)
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.policy.transformer).named_parameters() if p.requires_grad]
+        for _, p in named:
+            p.grad = None
+        # The epoch's loss with every trained sample and step weighing the same; times the
+        # accumulation steps because accelerate's backward divides by them (as in update()).
+        weights = trained.float() * self.layout.grad_accum_steps / max(int(trained.sum()), 1) / len(batch.step_indices)
+        sigmas = batch.sigmas.to(self.accelerator.device)
+        for first in range(0, len(batch), self.config.train.batch_size):
+            rows = slice(first, first + self.config.train.batch_size)
+            cond = self.cond.take(batch.prompt_rows[rows])
+            for j, step_index in enumerate(batch.step_indices):
+                self._train_step(batch, rows, j, step_index, sigmas, cond, advantages[rows], weights[rows])
+        grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in named}
+        for _, p in named:
+            p.grad = None
+        return grads
+
     def _train_step(self, batch: Rollout, rows, j, step_index, sigmas, cond, advantages, weights) -> dict:
         config, acc = self.config, self.accelerator
         latents = batch.latents[rows, j].to(acc.device)

@@ -176,3 +176,61 @@ def test_console_script_is_the_same_program(tmp_path):
     result = subprocess.run([script, str(ROOT / "configs/tiny_cpu.yaml"), "train.learnin_rate=1"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "train.learnin_rate" in result.stderr
+
+
+def test_policy_gradient_is_the_gradient_the_first_update_follows(tiny_sd3, tmp_path):
+    """Trainer.policy_gradient (bench/grad_coherence.py) measures the gradient the trainer steps
+    along: with one optimizer step per epoch, Adam's first step moves every LoRA weight against
+    the sign of that gradient. It takes no step itself and depends on the noise it is given."""
+    from rl.config import load_config
+    from rl.train import Trainer
+
+    overrides = FAST + tiny_overrides(tiny_sd3, tmp_path / "run") + [
+        "train.num_minibatches=1", "train.batch_size=8", "train.learning_rate=1e-3", "train.weight_decay=0",
+        "train.max_grad_norm=1e9", "train.adam_eps=1e-12", "log.wandb_mode=disabled", "eval.before_training=false",
+    ]
+    trainer = Trainer(load_config(ROOT / "configs/tiny_cpu.yaml", overrides))
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
+    grads = trainer.policy_gradient(1, noise_epoch=1)
+    again = trainer.policy_gradient(1, noise_epoch=1)
+    other_noise = trainer.policy_gradient(1, noise_epoch=2)
+    assert all(torch.equal(trainer.policy.trainable_state_dict()[k], before[k]) for k in before), "policy_gradient stepped"
+    assert all(torch.equal(grads[n], again[n]) for n in grads)
+    assert any(not torch.equal(grads[n], other_noise[n]) for n in grads)
+
+    # Epoch 1 of the trainer itself: same prompts, same noise, one Adam step.
+    metrics: dict = {}
+    items, sample_ids, group_ids = trainer.draw(1)
+    batch, scores = trainer.sample_and_score(1, items, sample_ids, group_ids, metrics)
+    advantages, trained = trainer.advantages(1, items, batch, scores, metrics)
+    trainer.update(1, batch, advantages, trained, metrics)
+    after = trainer.policy.trainable_state_dict()
+    checked = 0
+    for name, grad in grads.items():
+        key = name.replace(".default", "")
+        moved = after[key] - before[key]
+        significant = grad.abs() > 1e-3 * grad.abs().max()
+        if not significant.any():
+            continue
+        assert torch.equal(torch.sign(moved[significant]), -torch.sign(grad[significant])), name
+        checked += int(significant.sum())
+    assert checked > 100
+
+
+@pytest.mark.slow
+def test_grad_coherence_bench_reports_per_target(tiny_sd3, tmp_path):
+    """bench/grad_coherence.py: a cosine per LoRA target kind with a gradient, in [-1, 1]."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "bench/grad_coherence.py", "configs/tiny_cpu.yaml", "--batches", "3", *FAST,
+         *tiny_overrides(tiny_sd3, tmp_path / "run")[:2], "eval.before_training=false"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["batches"] == 3 and -1.0 <= report["all"] <= 1.0
+    kinds = report["per_kind"]
+    assert "attn.to_q.lora_B" in kinds and all(-1.0 <= v <= 1.0 for v in kinds.values())
+    assert not any("lora_A" in k for k in kinds), "LoRA A matrices have no gradient at initialisation"
