@@ -56,14 +56,23 @@ class RewardRunner:
             else:
                 worker = build_worker(spec.worker or name, spec.params)
             names = [name] if len(worker.components) == 1 else [f"{name}/{c}" for c in worker.components]
+            unknown = sorted(set(spec.monitor_components) - set(worker.components))
+            if unknown:
+                raise ValueError(f"rewards.{name}.monitor_components: {unknown} are not components of this worker; it has {list(worker.components)}")
             self.entries.append((name, spec, worker, names))
-        self.weights = {
-            component: spec.weight
-            for _, spec, _, names in self.entries
-            if spec.role == "train"
-            for component in names
+        self.roles = {
+            key: "monitor" if spec.role == "monitor" or component in spec.monitor_components else "train"
+            for _, spec, worker, names in self.entries
+            for component, key in zip(worker.components, names)
         }
-        self.roles = {component: spec.role for _, spec, _, names in self.entries for component in names}
+        self.weights = {
+            key: spec.weight
+            for _, spec, _, names in self.entries
+            for key in names
+            if self.roles[key] == "train"
+        }
+        if not self.weights:
+            raise ValueError("no reward component is trained on: every one has role monitor or is in monitor_components")
         if self.mix.kind != "weighted_sum":
             # Fails here, before any model loads, when the named components do not exist.
             mix_rewards({c: np.zeros(1) for c in self.weights}, self.weights, kind=self.mix.kind, base=self.mix.base, bonus=self.mix.bonus)

@@ -171,6 +171,8 @@ class RewardSpec:
     """Weight in the mix."""
     role: Literal["train", "monitor"] = "train"
     """train: part of the optimised reward; monitor: scored and logged, never trained on."""
+    monitor_components: list[str] = field(default_factory=list)
+    """Components of a train worker that are only scored and logged, not trained on (e.g. [partial] for shapes_geneval)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the worker's constructor (device, dtype, checkpoint, ... as the worker takes them)."""
     batch_size: Optional[int] = None

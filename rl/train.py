@@ -36,6 +36,7 @@ from rl.data import DataError, Item, draw_prompt_indices, load_source_image, rea
 from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
+from rl.stats import paired_change
 
 EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
 
@@ -510,10 +511,12 @@ class Trainer:
                 local_scores[c] = scored.scores[c].tolist()
             # Each held-out prompt is its own group: no group normalisation here.
             local_reward = self.rewards.trained_reward(scored.scores, group_normalize=False).tolist()
-        metrics = {}
-        for c, values in local_scores.items():
-            metrics[f"eval/{c}"] = _nanmean(np.array(self._gather_list(values), dtype=np.float64))
-        metrics["eval/reward"] = _nanmean(np.array(self._gather_list(local_reward), dtype=np.float64))
+        # Every rank's samples, back in eval-item order (the order is the pairing across evaluations).
+        order = np.argsort(np.array(self._gather_list(indices), dtype=np.int64), kind="stable")
+        per_sample = {f"eval/{c}": np.array(self._gather_list(values), dtype=np.float64)[order] for c, values in local_scores.items()}
+        per_sample["eval/reward"] = np.array(self._gather_list(local_reward), dtype=np.float64)[order]
+        metrics = {key: _nanmean(values) for key, values in per_sample.items()}
+        metrics.update(self.eval_change(epoch, per_sample))
         metrics["time/eval_s"] = time.perf_counter() - start
         if images is not None and acc.is_main_process:
             shown = images[:: config.eval.samples_per_prompt][:16].numpy()  # one sample per prompt
@@ -521,6 +524,26 @@ class Trainer:
             self.tracker.log_images("eval/images", shown, captions, epoch)
             self.before_after(epoch, shown, captions)
         return metrics
+
+    def eval_change(self, epoch: int, per_sample: dict[str, np.ndarray]) -> dict[str, float]:
+        """Keep the per-sample scores of the evaluation before training (run_dir/eval_before.npz,
+        so a resumed run has them); at a later evaluation, the paired change of each metric since
+        then and its standard error over prompts (rl.stats.paired_change), as `<metric>/change`
+        and `<metric>/change_se`."""
+        path = Path(self.config.run_dir) / "eval_before.npz"
+        if epoch == 0:
+            if self.accelerator.is_main_process:
+                np.savez(path, **{key.replace("/", "|"): values for key, values in per_sample.items()})
+            return {}
+        if not path.exists():
+            return {}
+        before = {key.replace("|", "/"): values for key, values in np.load(path).items()}
+        prompts = np.arange(len(self.eval_items)) // self.config.eval.samples_per_prompt
+        out = {}
+        for key, values in per_sample.items():
+            if key in before and before[key].shape == values.shape:
+                out[f"{key}/change"], out[f"{key}/change_se"] = paired_change(before[key], values, prompts)
+        return out
 
     def print_eval_change(self) -> None:
         """Print every evaluation metric before training (epoch 0) and at the end, from metrics.jsonl."""
@@ -537,7 +560,12 @@ class Trainer:
                  f"epoch 0 -> epoch {last['epoch']}):"]
         for key in first:
             if key.startswith("eval/") and first[key] is not None and last.get(key) is not None:
-                lines.append(f"  {key}: {first[key]:.4f} -> {last[key]:.4f} ({last[key] - first[key]:+.4f})")
+                line = f"  {key}: {first[key]:.4f} -> {last[key]:.4f} ({last[key] - first[key]:+.4f}"
+                se = last.get(f"{key}/change_se")
+                lines.append(line + (f" +- {se:.4f})" if se is not None else ")"))
+        if any(f"{key}/change_se" in last for key in first):
+            lines.append("  (+- is the standard error of the change over the held-out prompts, same noise before and after;\n"
+                         "   a change within about two of them could be sampling noise: raise eval.num_prompts or eval.samples_per_prompt)")
         print("\n".join(lines), flush=True)
 
     def before_after(self, epoch: int, images: np.ndarray, captions: list[str]) -> None:

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from rewards.base import RewardBatch
 from rewards.mix import cme, group_normalise, mix_rewards, qma, uncertainty_weights
 from rewards.runner import RewardRunner
 from rl.config import MixConfig, RewardSpec
@@ -85,6 +86,28 @@ def test_monitor_components_are_scored_but_never_trained():
     reward = runner.trained_reward(scores)
     assert reward[0] == pytest.approx(-2.0)
     assert math.isnan(reward[1])  # the trained component is missing; the monitor does not fill in
+
+
+def test_monitor_components_of_a_trained_worker():
+    """shapes_geneval trained on strict only: partial is still scored and logged under its own key."""
+    from models.shapes import render, scene_from_caption
+
+    runner = RewardRunner({"shapes_geneval": RewardSpec(monitor_components=["partial"])}, MixConfig())
+    assert runner.components == ["shapes_geneval/strict", "shapes_geneval/partial"]
+    assert runner.weights == {"shapes_geneval/strict": 1.0}
+    assert runner.roles == {"shapes_geneval/strict": "train", "shapes_geneval/partial": "monitor"}
+    scene = scene_from_caption("two red squares", np.random.default_rng(0))
+    # The right scene, then a red square and a blue circle: two objects but one red square, so
+    # strict 0 and partial 1/2 (the count of red squares is wrong, the object count right).
+    images = np.stack([render(scene), render(scene_from_caption("a red square and a blue circle", np.random.default_rng(0)))])
+    scored = runner.score(RewardBatch(images=images, prompts=["two red squares"] * 2))
+    np.testing.assert_allclose(scored.scores["shapes_geneval/strict"], [1.0, 0.0])
+    np.testing.assert_allclose(scored.scores["shapes_geneval/partial"], [1.0, 0.5])
+    np.testing.assert_allclose(runner.trained_reward(scored.scores), [1.0, 0.0])  # partial not added
+    with pytest.raises(ValueError, match=r"monitor_components.*'relaxed'.*has \['strict', 'partial'\]"):
+        RewardRunner({"shapes_geneval": RewardSpec(monitor_components=["relaxed"])}, MixConfig())
+    with pytest.raises(ValueError, match="no reward component is trained"):
+        RewardRunner({"shapes_geneval": RewardSpec(monitor_components=["strict", "partial"])}, MixConfig())
 
 
 def test_per_component_batch_size_gives_the_same_scores():

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,7 +90,7 @@ def test_resume_matches_uninterrupted_run(tiny_sd3, tmp_path):
     common = ["configs/tiny_cpu.yaml", *FAST, "eval.every=0", "log.save_every=0"]
     run_cli(common + tiny_overrides(tiny_sd3, whole) + ["num_epochs=4"])
     run_cli(common + tiny_overrides(tiny_sd3, split) + ["num_epochs=2"])
-    run_cli(common + tiny_overrides(tiny_sd3, split) + ["num_epochs=4", f"resume={split}"])
+    result = run_cli(common + tiny_overrides(tiny_sd3, split) + ["num_epochs=4", f"resume={split}"])
 
     reference = {m["epoch"]: m for m in read_metrics(whole)}
     resumed = {m["epoch"]: m for m in read_metrics(split)}
@@ -99,6 +100,12 @@ def test_resume_matches_uninterrupted_run(tiny_sd3, tmp_path):
             if key.startswith("time/"):
                 continue
             assert resumed[epoch][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (epoch, key)
+    # The change since the evaluation before training survives the resume (its per-sample scores
+    # are kept in the run directory), and the printed summary carries its standard error.
+    change, se = reference[4]["eval/reward/change"], reference[4]["eval/reward/change_se"]
+    assert change == pytest.approx(reference[4]["eval/reward"] - reference[0]["eval/reward"], abs=1e-9)
+    assert math.isfinite(se) and se >= 0.0
+    assert f"({change:+.4f} +- {se:.4f})" in result.stdout
     final_whole, final_split = lora_weights(whole), lora_weights(split)
     for key, value in final_whole.items():
         assert torch.allclose(final_split[key], value, atol=1e-7), key
@@ -114,7 +121,7 @@ def test_two_ranks_match_one_rank(tiny_sd3, tmp_path):
     """The same config on 1 and on 2 gloo ranks: same epoch-1 rewards and advantages, LoRA
     weights within 1e-5 after the epoch."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["configs/tiny_cpu.yaml", *FAST, "num_epochs=1", "eval.before_training=false", "log.save_samples=true"]
+    common = ["configs/tiny_cpu.yaml", *FAST, "num_epochs=1", "eval.samples_per_prompt=3", "log.save_samples=true"]
     run_cli(common + tiny_overrides(tiny_sd3, one))
     result = run_cli(common + tiny_overrides(tiny_sd3, two), launcher=accelerate_launcher("launch/accelerate/cpu_2proc.yaml"))
     assert "over 2 rank(s)" in result.stdout
@@ -127,6 +134,14 @@ def test_two_ranks_match_one_rank(tiny_sd3, tmp_path):
         assert other["reward"] == pytest.approx(row["reward"], abs=1e-12)
         assert other["advantage"] == pytest.approx(row["advantage"], abs=1e-6)
     assert len({row["reward"] for row in a.values()}) > 1
+    # Evaluation samples are split over ranks; the per-sample scores kept for the paired change
+    # come back in the same order, so the change and its error do not depend on the rank count.
+    kept_one, kept_two = np.load(one / "eval_before.npz"), np.load(two / "eval_before.npz")
+    assert sorted(kept_one) == sorted(kept_two) and len(kept_one["eval|reward"]) == 12
+    for key in kept_one:
+        np.testing.assert_allclose(kept_two[key], kept_one[key], atol=1e-9)
+    last_one, last_two = read_metrics(one)[-1], read_metrics(two)[-1]
+    assert last_two["eval/reward/change_se"] == pytest.approx(last_one["eval/reward/change_se"], abs=1e-9)
     lora_one, lora_two = lora_weights(one), lora_weights(two)
     assert set(lora_one) == set(lora_two)
     assert max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one) < 1e-5
