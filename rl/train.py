@@ -206,6 +206,10 @@ class Trainer:
 
     def run(self) -> None:
         config, acc = self.config, self.accelerator
+        kept = Path(config.run_dir) / "eval_before.npz"
+        if self.start_epoch == 1 and acc.is_main_process and kept.exists():
+            kept.unlink()  # an earlier run's in this run_dir: never the baseline of a new run
+        acc.wait_for_everyone()
         if self.start_epoch == 1 and self.eval_items and config.eval.before_training:
             self.tracker.log(self.evaluate(0), 0)
         epochs = range(self.start_epoch, config.num_epochs + 1)
