@@ -27,12 +27,12 @@ def paired_change(before: np.ndarray, after: np.ndarray, clusters: np.ndarray) -
     if not keep.any():
         return float("nan"), float("nan")
     diff, clusters = (after - before)[keep].astype(np.float64), clusters[keep]
-    ids, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
+    _, inverse = np.unique(clusters, return_inverse=True)
     change = float(diff.mean())
-    if len(ids) < 2:
+    g = int(inverse.max()) + 1
+    if g < 2:
         return change, float("nan")
     # Cluster-robust (sandwich) variance of a mean: sum over clusters of the squared residual sums.
-    residual_sums = np.bincount(inverse, weights=diff - change, minlength=len(ids))
-    g = len(ids)
+    residual_sums = np.bincount(inverse, weights=diff - change, minlength=g)
     variance = g / (g - 1) * np.sum(residual_sums**2) / len(diff) ** 2
     return change, float(np.sqrt(variance))

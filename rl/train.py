@@ -206,9 +206,8 @@ class Trainer:
 
     def run(self) -> None:
         config, acc = self.config, self.accelerator
-        kept = Path(config.run_dir) / "eval_before.npz"
-        if self.start_epoch == 1 and acc.is_main_process and kept.exists():
-            kept.unlink()  # an earlier run's in this run_dir: never the baseline of a new run
+        if self.start_epoch == 1 and acc.is_main_process:
+            self.eval_before_path.unlink(missing_ok=True)  # an earlier run's: never a new run's baseline
         acc.wait_for_everyone()
         if self.start_epoch == 1 and self.eval_items and config.eval.before_training:
             self.tracker.log(self.evaluate(0), 0)
@@ -529,12 +528,16 @@ class Trainer:
             self.before_after(epoch, shown, captions)
         return metrics
 
+    @property
+    def eval_before_path(self) -> Path:
+        return Path(self.config.run_dir) / "eval_before.npz"
+
     def eval_change(self, epoch: int, per_sample: dict[str, np.ndarray]) -> dict[str, float]:
         """Keep the per-sample scores of the evaluation before training (run_dir/eval_before.npz,
         so a resumed run has them); at a later evaluation, the paired change of each metric since
         then and its standard error over prompts (rl.stats.paired_change), as `<metric>/change`
         and `<metric>/change_se`."""
-        path = Path(self.config.run_dir) / "eval_before.npz"
+        path = self.eval_before_path
         if epoch == 0:
             if self.accelerator.is_main_process:
                 np.savez(path, **{key.replace("/", "|"): values for key, values in per_sample.items()})
