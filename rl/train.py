@@ -41,6 +41,15 @@ from rl.stats import paired_change
 EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
 
 
+def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
+    """Indices of the trained samples among rows first..first+size: samples of dropped groups
+    (zero advantage, zero weight) add nothing to the loss, so their forward and backward passes
+    are skipped. With none trained, row `first` alone (weight 0) still runs, so every rank makes
+    the same backward calls (DDP and gradient accumulation count them)."""
+    index = torch.nonzero(trained[first : first + size]).flatten() + first
+    return index if index.numel() else torch.tensor([first])
+
+
 def num_trained_steps(config: RunConfig) -> int:
     """Trained steps per sample; fixed for a run so gradient accumulation is fixed too."""
     sde = config.sde
@@ -387,7 +396,7 @@ class Trainer:
                 # averages over ranks) and times the accumulation steps (accelerate divides by them).
                 scale = W * layout.grad_accum_steps / (float(counts[k]) * layout.trained_steps)
                 for first in range(k * m, (k + 1) * m, t.batch_size):
-                    rows = slice(first, first + t.batch_size)
+                    rows = _trained_rows(trained, first, t.batch_size)
                     weights = trained[rows].float().to(device) * scale
                     cond = self.cond.take(batch.prompt_rows[rows])
                     for j, step_index in enumerate(batch.step_indices):
@@ -434,7 +443,7 @@ class Trainer:
         weights = trained.float() * self.layout.grad_accum_steps / max(int(trained.sum()), 1) / len(batch.step_indices)
         sigmas = batch.sigmas.to(self.accelerator.device)
         for first in range(0, len(batch), self.config.train.batch_size):
-            rows = slice(first, first + self.config.train.batch_size)
+            rows = _trained_rows(trained, first, self.config.train.batch_size)
             cond = self.cond.take(batch.prompt_rows[rows])
             for j, step_index in enumerate(batch.step_indices):
                 self._train_step(batch, rows, j, step_index, sigmas, cond, advantages[rows], weights[rows])

@@ -237,6 +237,48 @@ def test_policy_gradient_is_the_gradient_the_first_update_follows(tiny_sd3, tmp_
     assert checked > 100
 
 
+def test_update_skips_samples_of_dropped_groups(tiny_sd3, tmp_path, monkeypatch):
+    """Samples of dropped groups (zero advantage and weight) are not run through the network in
+    the update, and leaving them out does not change the step taken. A forward batch with no
+    trained sample still runs one row, so every rank makes the same backward calls."""
+    import rl.train
+    from rl.config import load_config
+    from rl.train import Trainer
+
+    overrides = FAST + tiny_overrides(tiny_sd3, tmp_path / "run") + [
+        "train.num_minibatches=1", "train.batch_size=2", "log.wandb_mode=disabled", "eval.before_training=false",
+    ]
+
+    def one_update(trainer) -> tuple[dict[str, torch.Tensor], int]:
+        metrics: dict = {}
+        items, sample_ids, group_ids = trainer.draw(1)
+        batch, scores = trainer.sample_and_score(1, items, sample_ids, group_ids, metrics)
+        advantages, trained = trainer.advantages(1, items, batch, scores, metrics)
+        assert bool(trained.all()), "the continuous reward should leave every group trained"
+        # Drop group 1, as the trainer drops a group whose rewards are all equal.
+        dropped = batch.group_ids == 1
+        trained, advantages = trained & ~dropped, torch.where(dropped, 0.0, advantages)
+        trainer.all_trained = trained.clone()
+        rows = []
+        hook = trainer.policy.network.register_forward_pre_hook(
+            lambda module, args, kwargs: rows.append(int(kwargs["hidden_states"].shape[0])), with_kwargs=True
+        )
+        trainer.update(1, batch, advantages, trained, metrics)
+        hook.remove()
+        per_batch = trained.view(-1, 2).sum(dim=1)  # trained samples in each forward batch of 2
+        assert (per_batch == 0).any() and (per_batch == 1).any(), "the layout should cover both cases"
+        expected = int(per_batch.clamp(min=1).sum())  # an empty forward batch runs one row
+        return {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}, sum(rows), expected
+
+    skipped, rows_skipped, expected = one_update(Trainer(load_config(ROOT / "configs/tiny_cpu.yaml", overrides)))
+    monkeypatch.setattr(rl.train, "_trained_rows", lambda trained, first, size: torch.arange(first, min(first + size, len(trained))))
+    full, rows_full, _ = one_update(Trainer(load_config(ROOT / "configs/tiny_cpu.yaml", overrides)))
+    assert rows_skipped * 8 == rows_full * expected
+    for key in full:  # Adam's first step is about +-lr (1e-2) per weight; float order differs
+        torch.testing.assert_close(skipped[key], full[key], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(full[key], torch.zeros_like(full[key])) for key in full if "lora_B" in key)
+
+
 @pytest.mark.slow
 def test_grad_coherence_bench_reports_per_target(tiny_sd3, tmp_path):
     """bench/grad_coherence.py: a cosine per LoRA target kind with a gradient, in [-1, 1]."""
