@@ -17,6 +17,11 @@ held-out captions (whole content combinations, see split_prompts) measure genera
 CLI (writes a diffusers pipeline directory, loadable with from_pretrained, plus pretrain_log.json)::
 
     python -m models.shapes_sd3 OUT_DIR [--steps 3300] [--vae-steps 800] [--seed 0]
+    python -m models.shapes_sd3 OUT_DIR --init DIR --steps 2000 [--lr 4e-4]   # continue DIR's training
+
+With --init, the VAE, tokenizers and weights come from DIR (a directory this script wrote) and only
+the transformer and the text encoders train further, on the scenes DIR was trained on (--seed then
+seeds only this stage's batches and noise); the log keeps DIR's log under "earlier".
 """
 
 from __future__ import annotations
@@ -349,17 +354,32 @@ def reconstruction_accuracy(vae: AutoencoderKL, captions: Sequence[str], seed: i
 def pretrain(
     out_dir: str | pathlib.Path, *, steps: int = 3300, vae_steps: int = 800, pool_size: int = 20_000,
     seed: int = 0, eval_seeds: int = 4, save_dtype: torch.dtype = torch.float16,
+    init: str | pathlib.Path | None = None, lr: float = 8e-4,
 ) -> dict:
-    """Build, train and save the pipeline; returns the log written to OUT/pretrain_log.json."""
+    """Build (or, with `init`, load a pipeline this function saved), train and save the pipeline;
+    returns the log written to OUT/pretrain_log.json."""
     out = pathlib.Path(out_dir)
-    generator = torch.Generator().manual_seed(seed)
+    # A continued run draws other batches and noise than the run it continues (same --seed).
+    generator = torch.Generator().manual_seed(seed if init is None else seed + 1000)
     log: list[dict] = []
+    earlier: dict | None = None
     started = time.perf_counter()
-    pipe = build_pipeline(seed)
+    if init is None:
+        pipe = build_pipeline(seed)
+    else:
+        init = pathlib.Path(init)
+        if not (init / "pretrain_log.json").is_file():
+            raise FileNotFoundError(f"--init {init}: no pretrain_log.json there; pass a directory this script wrote")
+        earlier = json.loads((init / "pretrain_log.json").read_text())
+        pool_size = earlier["pool_size"]  # the scenes DIR was trained on, whatever --pool-size says
+        pipe = StableDiffusion3Pipeline.from_pretrained(init, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    captions, images = render_pool(pool_size, seed)
+    captions, images = render_pool(pool_size, seed if earlier is None else earlier["seed"])
     rendered = time.perf_counter()
-    train_vae(pipe.vae, images, vae_steps, generator, log)
+    if init is None:
+        train_vae(pipe.vae, images, vae_steps, generator, log)
+    else:
+        vae_steps = 0
     latents = encode_latents(pipe.vae, images)
     vae_done = time.perf_counter()
     _, held_out = shapes.split_prompts(SPLIT_SEED)
@@ -375,7 +395,7 @@ def pretrain(
     if not (torch.allclose(mine[0], theirs[0], atol=1e-5) and torch.allclose(mine[1], theirs[2], atol=1e-5)):
         raise RuntimeError("encode_ids no longer matches StableDiffusion3Pipeline.encode_prompt; update it")
 
-    train_flow(pipe, captions, latents, steps, generator, log)
+    train_flow(pipe, captions, latents, steps, generator, log, lr=lr)
     flow_done = time.perf_counter()
 
     pipe.to(save_dtype)
@@ -391,7 +411,8 @@ def pretrain(
     if eval_seeds:
         evaluations = {"eval_held_out": evaluate(loaded, held_out, eval_seeds), "eval_train_captions": evaluate(loaded, seen, eval_seeds)}
     result = {
-        "steps": steps, "vae_steps": vae_steps, "pool_size": pool_size, "seed": seed,
+        "steps": steps, "vae_steps": vae_steps, "pool_size": pool_size, "seed": seed, "lr": lr,
+        **({"init": str(init), "earlier": earlier} if earlier is not None else {}),
         "params": {name: sum(p.numel() for p in getattr(loaded, name).parameters())
                    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")},
         "seconds": {"render": rendered - started, "vae": vae_done - rendered, "transformer": flow_done - vae_done},
@@ -411,10 +432,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pool-size", type=int, default=20_000, help="rendered training scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seeds", type=int, default=4, help="samples per prompt in the final evaluation (0: none)")
+    parser.add_argument("--init", type=pathlib.Path, default=None, help="continue training a pipeline this script wrote (keeps its VAE)")
+    parser.add_argument("--lr", type=float, default=8e-4, help="peak learning rate of the transformer and text encoders (cosine decay)")
     args = parser.parse_args(argv)
     result = pretrain(args.out_dir, steps=args.steps, vae_steps=args.vae_steps, pool_size=args.pool_size,
-                      seed=args.seed, eval_seeds=args.eval_seeds)
-    summary = {k: v for k, v in result.items() if k != "log"}
+                      seed=args.seed, eval_seeds=args.eval_seeds, init=args.init, lr=args.lr)
+    summary = {k: v for k, v in result.items() if k not in ("log", "earlier")}
     print(json.dumps(summary, indent=1))
 
 

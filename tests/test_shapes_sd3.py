@@ -85,6 +85,24 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     assert image.shape == (1, 64, 64, 3)
 
 
+def test_pretraining_continues_from_a_saved_pipeline(tmp_path):
+    """--init continues a saved pipeline: its VAE is kept as it was, the transformer trains
+    further, and the log keeps the earlier run's record."""
+    from safetensors.torch import load_file
+
+    pretrain(tmp_path / "first", steps=3, vae_steps=3, pool_size=64, eval_seeds=0)
+    result = pretrain(tmp_path / "second", steps=2, pool_size=999, eval_seeds=0, init=tmp_path / "first", lr=1e-3)
+    assert result["init"] == str(tmp_path / "first") and result["earlier"]["steps"] == 3 and result["lr"] == 1e-3
+    assert result["pool_size"] == 64  # the first run's scenes
+    assert result["vae_steps"] == 0 and not any(r["stage"] == "vae" for r in result["log"])
+    first, second = (load_file(tmp_path / name / "vae" / "diffusion_pytorch_model.safetensors") for name in ("first", "second"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    first, second = (load_file(tmp_path / name / "transformer" / "diffusion_pytorch_model.safetensors") for name in ("first", "second"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(FileNotFoundError, match="pretrain_log.json"):
+        pretrain(tmp_path / "third", steps=1, pool_size=64, eval_seeds=0, init=tmp_path / "missing")
+
+
 def test_committed_model_draws_the_shapes_domain():
     """The committed weights are a trained model, not noise: through the same SD3 adapter and
     rollout code as the demo, single objects and counts of seen captions are mostly right."""
