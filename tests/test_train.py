@@ -249,7 +249,7 @@ def test_update_skips_samples_of_dropped_groups(tiny_sd3, tmp_path, monkeypatch)
         "train.num_minibatches=1", "train.batch_size=2", "log.wandb_mode=disabled", "eval.before_training=false",
     ]
 
-    def one_update(trainer) -> tuple[dict[str, torch.Tensor], int]:
+    def one_update(trainer) -> tuple[dict[str, torch.Tensor], int, int]:
         metrics: dict = {}
         items, sample_ids, group_ids = trainer.draw(1)
         batch, scores = trainer.sample_and_score(1, items, sample_ids, group_ids, metrics)
