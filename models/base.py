@@ -72,6 +72,20 @@ def lora_disabled(network: torch.nn.Module) -> Iterator[None]:
         network.enable_adapters()
 
 
+def draw_noise(
+    shape: Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Standard normal noise; with a list of generators each sample row uses its own."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32, device=g.device) for g in generator]
+        return torch.stack(rows).to(device)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_WEIGHTS_FILE = "transformer.safetensors"
 

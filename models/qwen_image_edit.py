@@ -29,9 +29,9 @@ from PIL import Image
 # by looking the base classes up by name in that module.
 from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
 
-from models.base import DTYPES, DiffusersPolicy
-from rl.config import ModelConfig
-from rl.sde import draw_noise
+from models.base import DTYPES, DiffusersPolicy, draw_noise
+from models.config import ModelConfig
+
 
 __all__ = ["ImageOnlyQwen2VLProcessor", "QwenEditConditioning", "QwenImageEditPolicy", "NEGATIVE_PROMPT"]
 
@@ -131,10 +131,6 @@ class QwenImageEditPolicy(DiffusersPolicy):
         self.config = config
         self.device = torch.device(device)
         self.compute_dtype = DTYPES[config.dtype]
-        if config.build_tiny_if_missing:
-            from models.tiny_qwen import ensure_tiny_qwen_image_edit
-
-            ensure_tiny_qwen_image_edit(config.pretrained)
         extra = {}
         if _needs_image_only_processor(config.pretrained, config.revision):
             extra["processor"] = ImageOnlyQwen2VLProcessor.from_pretrained(

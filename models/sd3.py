@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from models.base import DTYPES, DiffusersPolicy
-from rl.config import ModelConfig
-from rl.sde import draw_noise
+from models.base import DTYPES, DiffusersPolicy, draw_noise
+from models.config import ModelConfig
+
 
 
 
@@ -36,10 +36,6 @@ class SD3Policy(DiffusersPolicy):
         self.config = config
         self.device = torch.device(device)
         self.compute_dtype = DTYPES[config.dtype]
-        if config.build_tiny_if_missing:
-            from models.tiny import ensure_tiny_sd3
-
-            ensure_tiny_sd3(config.pretrained, text_max_length=config.max_sequence_length, warm_start_steps=config.tiny_warm_start_steps)
         # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
         # weights) and runs under autocast.
         pipe = StableDiffusion3Pipeline.from_pretrained(

@@ -1,75 +1,45 @@
-"""Reward workers by name. Add a worker: write rewards/<name>.py and register its factory here.
-
-Factories import their module lazily, so reading a config (and listing the known names) never
-imports transformers or loads a model.
-"""
+"""Reward workers by name. Add a worker: write rewards/<name>.py with a class (or a function)
+that takes the worker's params as keyword arguments and returns a RewardWorker, and register
+"module:attribute" here. Modules are imported only when a worker is built, so reading a config
+(and listing the known names) never imports transformers or loads a model."""
 
 from __future__ import annotations
 
+import importlib
+from operator import attrgetter
 from typing import Any, Callable
 
 from rewards.base import RewardBatch, RewardOutput, RewardWorker
-from rewards.edit_verify import EditColor
-from rewards.jpeg import JpegCompressibility, jpeg_incompressibility
 
-
-def _pickscore(**kwargs):
-    from rewards.pickscore import PickScore
-
-    return PickScore(**kwargs)
-
-
-def _artifact(**kwargs):
-    from rewards.artifact import ArtifactDetector
-
-    return ArtifactDetector(**kwargs)
-
-
-def _clip_probe(**kwargs):
-    from rewards.artifact import ClipProbeDetector
-
-    return ClipProbeDetector(**kwargs)
-
-
-def _firm_gen(**kwargs):
-    from rewards.firm import FirmGen
-
-    return FirmGen(**kwargs)
-
-
-def _firm_edit(**kwargs):
-    from rewards.firm import FirmEdit
-
-    return FirmEdit(**kwargs)
-
-
-def _shapes_geneval(**kwargs):
-    from rewards.shapes_geneval import ShapesGenEval
-
-    return ShapesGenEval(**kwargs)
-
-
-WORKERS: dict[str, Callable[..., RewardWorker]] = {
-    "jpeg_compressibility": JpegCompressibility,
-    "jpeg_incompressibility": jpeg_incompressibility,
-    "pickscore": _pickscore,
-    "artifact": _artifact,
-    "clip_probe": _clip_probe,
-    "firm_gen": _firm_gen,
-    "firm_edit": _firm_edit,
-    "edit_color": EditColor,
-    "shapes_geneval": _shapes_geneval,
+WORKERS: dict[str, str] = {
+    "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "rewards.jpeg:jpeg_incompressibility",
+    "pickscore": "rewards.pickscore:PickScore",
+    "artifact": "rewards.artifact:ArtifactDetector",
+    "clip_probe": "rewards.artifact:ClipProbeDetector",
+    # The FIRM workers take a JudgeSettings; from_params builds it from the flat YAML params.
+    "firm_gen": "rewards.firm:FirmGen.from_params",
+    "firm_edit": "rewards.firm:FirmEdit.from_params",
+    "edit_color": "rewards.edit_verify:EditColor",
+    "shapes_geneval": "rewards.shapes_geneval:ShapesGenEval",
 }
+
+
+def worker_factory(name: str) -> Callable[..., RewardWorker]:
+    """The registered class or function for `name`, its module imported; an unknown name lists the known ones."""
+    if name not in WORKERS:
+        raise KeyError(f"unknown reward worker {name!r}; known workers: {', '.join(sorted(WORKERS))}")
+    module, attribute = WORKERS[name].split(":")
+    return attrgetter(attribute)(importlib.import_module(module))
 
 
 def build_worker(name: str, params: dict[str, Any] | None = None) -> RewardWorker:
     """Instantiate a registered worker; an unknown name lists the known ones."""
-    if name not in WORKERS:
-        raise KeyError(f"unknown reward worker {name!r}; known workers: {', '.join(sorted(WORKERS))}")
+    factory = worker_factory(name)
     try:
-        return WORKERS[name](**(params or {}))
+        return factory(**(params or {}))
     except TypeError as err:
         raise ValueError(f"reward worker {name!r}: bad params {params}: {err}") from err
 
 
-__all__ = ["WORKERS", "build_worker", "RewardBatch", "RewardOutput", "RewardWorker"]
+__all__ = ["WORKERS", "build_worker", "worker_factory", "RewardBatch", "RewardOutput", "RewardWorker"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, CLIPConfig
 
 from rewards.base import RewardBatch, RewardOutput
-from rewards.pickscore import check_batch_size, clip_image_features, load_clip, to_pil, torch_dtype
+from rewards.images import check_batch_size, clip_image_features, load_clip, to_pil, torch_dtype
 
 
 def _detector_output(name: str, p_fake: np.ndarray) -> RewardOutput:

@@ -38,13 +38,13 @@ def _subset(batch: RewardBatch, rows: slice) -> RewardBatch:
     )
 
 
-def _is_count(key: str) -> bool:
+def is_count(key: str) -> bool:
     return key.endswith(("failures", "_count", "/missing"))
 
 
 class RewardRunner:
     def __init__(self, specs: dict, mix=None):
-        from rl.config import MixConfig
+        from rewards.config import MixConfig
 
         self.mix = mix if mix is not None else MixConfig()
         self.entries = []  # (name, spec, worker, component names)
@@ -101,7 +101,7 @@ class RewardRunner:
             for output in outputs:
                 for key, value in output.extras.items():
                     # Counts (parse failures, ...) add up over chunks; other extras are means.
-                    share = 1.0 if _is_count(key) else 1.0 / len(outputs)
+                    share = 1.0 if is_count(key) else 1.0 / len(outputs)
                     result.extras[f"{name}/{key}"] = result.extras.get(f"{name}/{key}", 0.0) + float(value) * share
         return result
 

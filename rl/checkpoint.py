@@ -46,6 +46,9 @@ def save_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, state
     # Under ZeRO-3 the weights are partitioned: every rank takes part in gathering them.
     full = accelerator.get_state_dict(policy.transformer) if _zero3(accelerator) else None
     trainable = policy.trainable_state_dict(full)
+    # Every rank writes its own files (RNG states, DeepSpeed shards) into tmp: the folder is
+    # renamed only once all of them are done, or a slow rank writes into a folder that is gone.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINABLE).mkdir()
         policy.save_trainable(tmp / TRAINABLE, trainable)

@@ -23,6 +23,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from models.config import LoraSettings, ModelConfig
+from rewards.config import MixConfig, RewardSpec, reward_problems
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads 1e-4 (no dot) as a float; YAML 1.1 would make it a string."""
@@ -41,42 +44,6 @@ def _yaml(text):
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 32
-    """LoRA rank r (Flow-GRPO SD3.5: 32)."""
-    alpha: int = 64
-    """LoRA alpha; the update is scaled by alpha / rank."""
-    dropout: float = 0.0
-    """LoRA dropout. Keep 0: dropout would make the first inner step off-policy."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module names (peft target_modules) that get adapters."""
-
-
-@dataclass
-class ModelConfig:
-    adapter: str = "sd3"
-    """Policy adapter (models.ADAPTERS): sd3."""
-    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"
-    """Hub id or local directory of the diffusers pipeline, loaded with from_pretrained."""
-    revision: Optional[str] = None
-    """Hub revision of `pretrained`."""
-    build_tiny_if_missing: bool = False
-    """Build a tiny pipeline (models/tiny.py) at `pretrained` when that directory does not exist (CPU tests and tiny configs)."""
-    tiny_warm_start_steps: int = 400
-    """When building a tiny pipeline: flow-matching steps fitting its transformer to smooth synthetic latents (0 = random weights)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Dtype of the frozen weights and of autocast; log-prob math is always fp32."""
-    use_lora: bool = True
-    """Train LoRA adapters (true) or the full transformer (false)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings (used when use_lora is true)."""
-    gradient_checkpointing: bool = False
-    """Recompute transformer activations in the backward pass to save memory."""
-    max_sequence_length: int = 256
-    """Prompt length in tokens (SD3: T5 tokens; must match what the model was trained with). Qwen-Image-Edit ignores it, as its pipelines do."""
 
 
 @dataclass
@@ -161,42 +128,6 @@ class TrainConfig:
     """EMA decay per EMA update."""
     ema_every: int = 8
     """Optimizer steps between EMA updates."""
-
-
-@dataclass
-class RewardSpec:
-    worker: Optional[str] = None
-    """Registered reward worker (rewards.WORKERS); defaults to the entry's name."""
-    weight: float = 1.0
-    """Weight in the mix."""
-    role: Literal["train", "monitor"] = "train"
-    """train: part of the optimised reward; monitor: scored and logged, never trained on."""
-    monitor_components: list[str] = field(default_factory=list)
-    """Components of a train worker that are only scored and logged, not trained on (e.g. [partial] for shapes_geneval)."""
-    params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the worker's constructor (device, dtype, checkpoint, ... as the worker takes them)."""
-    batch_size: Optional[int] = None
-    """Images per call to this worker; none = the whole rollout batch at once."""
-    urls: list[str] = field(default_factory=list)
-    """Reward-server endpoints (python -m rewards.serve) to call instead of running the worker in process; several = round robin."""
-    timeout_s: float = 120.0
-    """Per-request timeout for a remote worker."""
-    retries: int = 3
-    """Attempts per request for a remote worker before the run stops with an error naming the endpoint."""
-
-
-@dataclass
-class MixConfig:
-    kind: Literal["weighted_sum", "qma", "cme"] = "weighted_sum"
-    """weighted_sum of the train components; qma (FIRM generation) or cme (FIRM editing) Base-and-Bonus of two 1..5 judge components (plus the weighted sum of any other train component)."""
-    group_normalize: bool = False
-    """weighted_sum only: normalise each train component within its group before weighting, so components on different scales count by their weights."""
-    base: Optional[str] = None
-    """qma/cme: the base component (qma: instruction following, default firm_gen/instruction; cme: execution, default firm_edit/execution)."""
-    bonus: Optional[str] = None
-    """qma/cme: the bonus component (qma: quality, default firm_gen/quality; cme: consistency, default firm_edit/consistency)."""
-    uncertainty_strength: float = 0.0
-    """Down-weight the advantage of sample i by 1 / (1 + k * u_i), u_i = summed judge-score variance of the train components; 0 disables."""
 
 
 @dataclass
@@ -438,18 +369,9 @@ def validate(config: RunConfig) -> None:
         value = getattr(data, name)
         if value and not Path(value).is_file():
             raise ConfigError(f"`data.{name}`: file {value} does not exist")
-    if not any(spec.role == "train" for spec in config.rewards.values()):
-        raise ConfigError("`rewards` must list at least one component with role: train")
-    mix = config.reward_mix
-    if mix.kind in ("qma", "cme"):
-        defaults = {"qma": ("firm_gen/instruction", "firm_gen/quality"), "cme": ("firm_edit/execution", "firm_edit/consistency")}
-        mix.base = mix.base or defaults[mix.kind][0]
-        mix.bonus = mix.bonus or defaults[mix.kind][1]
-    for name, spec in config.rewards.items():
-        if spec.batch_size is not None and spec.batch_size < 1:
-            raise ConfigError(f"`rewards.{name}.batch_size` must be >= 1, got {spec.batch_size}")
-        if spec.retries < 1:
-            raise ConfigError(f"`rewards.{name}.retries` must be >= 1, got {spec.retries}")
+    problems = reward_problems(config.rewards, config.reward_mix)
+    if problems:
+        raise ConfigError(problems[0])
     if config.sde.window == "fixed" and not config.sde.steps:
         raise ConfigError("`sde.steps` must list step indices when sde.window is fixed")
     if config.sde.window == "random" and len(config.sde.window_range) != 2:

@@ -15,6 +15,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from models.base import draw_noise
+
 DYNAMICS = ("flow_sde", "dance_sde", "cps")
 
 
@@ -140,20 +142,6 @@ def kl_scale(std: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """
     dt = _per_sample(sigma_next, std) - _per_sample(sigma, std)
     return std / torch.sqrt(-dt)
-
-
-def draw_noise(
-    shape: Sequence[int],
-    generator: torch.Generator | Sequence[torch.Generator] | None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Standard normal noise; with a list of generators each sample row uses its own."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32, device=g.device) for g in generator]
-        return torch.stack(rows).to(device)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
 
 
 def sde_step_indices(

@@ -36,3 +36,15 @@ def paired_change(before: np.ndarray, after: np.ndarray, clusters: np.ndarray) -
     residual_sums = np.bincount(inverse, weights=diff - change, minlength=g)
     variance = g / (g - 1) * np.sum(residual_sums**2) / len(diff) ** 2
     return change, float(np.sqrt(variance))
+
+
+def nanmean(values) -> float:
+    """Mean of the finite entries (NaN = missing); NaN when there is none."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def nanstd(values) -> float:
+    """Standard deviation of the non-NaN entries; NaN when there is none."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")

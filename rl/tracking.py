@@ -50,13 +50,17 @@ class Tracker:
             wandb_dir = self.run_dir / "wandb"
             wandb_dir.mkdir(exist_ok=True)
             # Keep every wandb file inside the run directory (cache, config, artifacts included).
-            for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-                os.environ.setdefault(var, str(wandb_dir))
+            # wandb puts its runs in a "wandb" folder under `dir`, and its cache in a "wandb"
+            # folder under the cache dir: dir=run_dir and a hidden cache give
+            # run_dir/wandb/offline-run-..., never run_dir/wandb/wandb/.
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+                os.environ.setdefault(var, str(wandb_dir / ".cache"))
             # A resumed run continues the same W&B run: its id is kept beside the metrics.
             id_file = self.run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if (resume_epoch is not None and id_file.exists()) else None
             self.wandb = wandb.init(
-                project=project, name=run_name or self.run_dir.name, dir=str(wandb_dir), mode=mode,
+                project=project, name=run_name or self.run_dir.name, dir=str(self.run_dir), mode=mode,
                 config=config, id=run_id, resume="allow" if run_id else None,
             )
             id_file.write_text(self.wandb.id)

@@ -3,28 +3,25 @@
     python -m rl.train configs/tiny_cpu.yaml [key=value ...]
     accelerate launch --config_file launch/accelerate/zero2.yaml -m rl.train configs/sd35m_pickscore.yaml
 
-Both are the same program. This module is the only place that knows about ranks, accelerate,
-DeepSpeed and the tracker; the math it calls (rl.sde, rl.advantages, rl.loss) is pure.
+Both are the same program. This module is the only place that knows about accelerate, DeepSpeed
+and the tracker (rank helpers: rl.ranks; evaluation: rl.evaluate; the epoch's layout over ranks:
+rl.layout); the math it calls (rl.sde, rl.advantages, rl.loss) is pure.
 
-Layout of an epoch. N = sample.num_groups * sample.group_size samples, numbered by a seeded
-permutation into N positions; positions are split into train.num_minibatches global minibatches
-of M = N / num_minibatches, and each rank owns a contiguous 1/world_size of every minibatch.
-A sample's noise is seeded by its global index, so for the same config every world size draws the
-same images, forms the same minibatches and, up to float summation order, takes the same steps.
+`Trainer.run` is the loop. Each epoch runs the phases in order, each returning what the next needs:
+draw (this rank's samples and their groups) -> roll_out (images and trajectories; rewards are
+scored in a thread as each batch is decoded) -> score (wait for them) -> advantages (gathered over
+ranks, normalised per group, this rank's slice) -> update -> evaluate -> log -> save.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,12 +30,75 @@ from tqdm.auto import tqdm
 from rl.advantages import group_advantages
 from rl.config import ConfigError, RunConfig, load_config, to_dict
 from rl.data import DataError, Item, draw_prompt_indices, load_source_image, read_items
+from rl.layout import EpochLayout, seeded_generator
 from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
-from rl.stats import paired_change
+from rl.stats import nanmean, nanstd
 
-EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
+
+@dataclass
+class Drawn:
+    """This rank's samples of one epoch."""
+
+    items: list[Item]  # the epoch's items, one per group: items[g] is group g's prompt
+    sample_ids: torch.Tensor  # [n] global sample index of each of this rank's samples
+    group_ids: torch.Tensor  # [n] group of each sample
+
+
+@dataclass
+class Sampled:
+    """A rollout and what its update needs; its rewards are being scored in the background."""
+
+    batch: Rollout
+    cond: object  # the policy's conditioning of `items` (models.base.Conditioning)
+    items: list[Item]  # the unique items of this rank's groups; batch.prompt_rows index them
+    pending: list[Future]  # one reward job per rollout batch, in sample order
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Rewards:
+    """This rank's reward scores of one epoch."""
+
+    scores: dict[str, np.ndarray]  # component -> [n], NaN = missing
+    uncertainty: dict[str, np.ndarray]  # component -> [n], where every batch reported one
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Advantages:
+    advantages: torch.Tensor  # [n] this rank's samples
+    trained: torch.Tensor  # [n] bool: this rank's samples that enter the update
+    all_trained: torch.Tensor  # [N] bool, every rank's, in gathered (rank-major) order
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class SourceImages:
+    """Editing: the items' source images at the training resolution, each decoded once per run."""
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+        self._decoded: dict = {}
+
+    def __call__(self, items: list[Item]) -> list[np.ndarray] | None:
+        if not items or items[0].source is None:
+            return None
+        for item in items:
+            if item.source not in self._decoded:
+                self._decoded[item.source] = load_source_image(item.source, self.resolution)
+        return [self._decoded[item.source] for item in items]
+
+
+def reward_batch(images: torch.Tensor, items: list[Item], sources: list[np.ndarray] | None):
+    """What the reward workers take: images, prompts and, for editing, sources and instructions."""
+    from rewards.base import RewardBatch
+
+    texts = [item.text for item in items]
+    return RewardBatch(
+        images=images.numpy(), prompts=texts, source_images=sources,
+        instructions=texts if sources is not None else None,
+    )
 
 
 def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
@@ -50,68 +110,6 @@ def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
     return index if index.numel() else torch.tensor([first])
 
 
-def num_trained_steps(config: RunConfig) -> int:
-    """Trained steps per sample; fixed for a run so gradient accumulation is fixed too."""
-    sde = config.sde
-    return len(sde_step_indices(config.sample.num_steps, sde.window, steps=sde.steps, window_size=sde.window_size, window_range=sde.window_range))
-
-
-@dataclass
-class EpochLayout:
-    world_size: int
-    num_samples: int  # N, all ranks
-    group_size: int
-    num_minibatches: int
-    per_rank: int  # n = N / world_size
-    minibatch_size: int  # M, all ranks
-    per_rank_minibatch: int  # m = M / world_size
-    microbatches_per_minibatch: int  # m / train.batch_size
-    trained_steps: int  # T
-    grad_accum_steps: int  # backward calls per optimizer step on one rank
-
-    @classmethod
-    def build(cls, config: RunConfig, world_size: int) -> "EpochLayout":
-        s, t = config.sample, config.train
-        total = s.num_groups * s.group_size
-        where = f"sample.num_groups * sample.group_size = {s.num_groups} * {s.group_size} = {total} samples"
-        if total % world_size:
-            raise ConfigError(f"{where} cannot be split over {world_size} ranks; make it a multiple of {world_size}")
-        if total % t.num_minibatches or (total // t.num_minibatches) % world_size:
-            raise ConfigError(
-                f"{where} must split into train.num_minibatches = {t.num_minibatches} minibatches, "
-                f"each divisible by {world_size} ranks"
-            )
-        per_rank, m = total // world_size, total // t.num_minibatches // world_size
-        if per_rank % s.batch_size:
-            raise ConfigError(f"{per_rank} samples per rank are not a multiple of sample.batch_size = {s.batch_size}")
-        if m % t.batch_size:
-            raise ConfigError(
-                f"each rank's share of a minibatch ({m} samples) is not a multiple of train.batch_size = {t.batch_size}"
-            )
-        steps = num_trained_steps(config)
-        return cls(world_size, total, s.group_size, t.num_minibatches, per_rank, total // t.num_minibatches, m, m // t.batch_size, steps, (m // t.batch_size) * steps)
-
-    def rank_positions(self, rank: int) -> list[int]:
-        return [
-            k * self.minibatch_size + rank * self.per_rank_minibatch + i
-            for k in range(self.num_minibatches)
-            for i in range(self.per_rank_minibatch)
-        ]
-
-    def describe(self) -> str:
-        return (
-            f"{self.num_samples} samples per epoch ({self.num_samples // self.group_size} groups x {self.group_size}) "
-            f"over {self.world_size} rank(s): {self.per_rank} per rank; {self.num_minibatches} optimizer steps per inner epoch "
-            f"of {self.minibatch_size} samples x {self.trained_steps} trained steps "
-            f"({self.grad_accum_steps} backward passes per rank per step)"
-        )
-
-
-def _generator(*keys: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
-    return torch.Generator().manual_seed(seed)
-
-
 class Trainer:
     def __init__(self, config: RunConfig):
         from accelerate import Accelerator
@@ -121,6 +119,8 @@ class Trainer:
         from models import adapter_class, build_policy
         from rewards.runner import RewardRunner
         from rl import checkpoint
+        from rl.evaluate import Evaluator
+        from rl.ranks import Ranks
 
         self.config = config
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -131,7 +131,7 @@ class Trainer:
         eval_items = read_items(data.eval_prompts, data.eval_edits)[: config.eval.num_prompts] if (data.eval_prompts or data.eval_edits) else []
         # Several samples per held-out prompt, each with its own noise (its own sample id).
         self.eval_items = [item for item in eval_items for _ in range(config.eval.samples_per_prompt)]
-        self._sources: dict = {}
+        self.sources = SourceImages(config.sample.resolution)
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
 
         # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
@@ -156,6 +156,10 @@ class Trainer:
         # The same seed on every rank: LoRA initialisation must not depend on the world size.
         set_seed(config.seed)
 
+        if config.model.build_tiny_if_missing:
+            from models.fixtures import ensure_tiny
+
+            ensure_tiny(config.model)  # every rank: the build is atomic, the first one wins
         self.policy = build_policy(config.model, acc.device, needs_reference=config.train.beta > 0)
         params = self.policy.trainable_parameters()
         t = config.train
@@ -174,11 +178,12 @@ class Trainer:
         checkpoint.register_hooks(acc)
         self.checkpoint = checkpoint
 
-        self.start_epoch, self.global_step = 1, 0
+        self.ranks = Ranks(acc)
+        self.start_epoch, self.start_step = 1, 0  # first epoch to run, optimizer steps taken before it
         resume_epoch = None
         if config.resume:
             state = checkpoint.load_checkpoint(acc, self.policy, config.resume)
-            self.start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+            self.start_epoch, self.start_step = state["epoch"] + 1, state["global_step"]
             resume_epoch = state["epoch"]
         from rl.tracking import NullTracker, Tracker
 
@@ -190,6 +195,10 @@ class Trainer:
         self.sde = SDESettings(config.sde.dynamics, config.sde.noise_level)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self.show = config.log.progress and acc.is_main_process
+        self.evaluator = Evaluator(
+            config, self.eval_items, policy=self.policy, rewards=self.rewards, ranks=self.ranks,
+            tracker=self.tracker, sources=self.sources, ema=self.ema, show=self.show,
+        )
         acc.print(f"trustgrpo: {self.layout.describe()}")
         if resume_epoch is not None:
             acc.print(f"trustgrpo: resumed {config.resume} after epoch {resume_epoch}")
@@ -215,180 +224,173 @@ class Trainer:
 
     def run(self) -> None:
         config, acc = self.config, self.accelerator
+        log = config.log
         if self.start_epoch == 1 and acc.is_main_process:
-            self.eval_before_path.unlink(missing_ok=True)  # an earlier run's: never a new run's baseline
+            self.evaluator.forget_earlier_run()
         acc.wait_for_everyone()
         if self.start_epoch == 1 and self.eval_items and config.eval.before_training:
-            self.tracker.log(self.evaluate(0), 0)
-        epochs = range(self.start_epoch, config.num_epochs + 1)
-        for epoch in tqdm(epochs, desc="epochs", disable=not self.show):
-            metrics: dict[str, float] = {}
-            items, sample_ids, group_ids = self.draw(epoch)
-            batch, rewards = self.sample_and_score(epoch, items, sample_ids, group_ids, metrics)
-            advantages, trained = self.advantages(epoch, items, batch, rewards, metrics)
-            self.update(epoch, batch, advantages, trained, metrics)
+            self.tracker.log(self.evaluator(0, reward_batch), 0)
+        global_step = self.start_step
+        for epoch in tqdm(range(self.start_epoch, config.num_epochs + 1), desc="epochs", disable=not self.show):
+            drawn = self.draw(epoch)
+            sampled = self.roll_out(epoch, drawn)
+            rewards = self.score(sampled)
+            advantages = self.advantages(epoch, drawn, sampled, rewards)
+            global_step, update_metrics = self.update(epoch, sampled, advantages, global_step)
+
             last = epoch == config.num_epochs
+            evaluated = {}
             if self.eval_items and (last or (config.eval.every and epoch % config.eval.every == 0)):
-                metrics.update(self.evaluate(epoch))
-            if config.log.image_every and (epoch % config.log.image_every == 0 or epoch == 1):
-                self.tracker.log_images("rollout/images", batch.images[:16].numpy(), [self.epoch_items[int(r)].text for r in batch.prompt_rows[:16]], epoch)
+                evaluated = self.evaluator(epoch, reward_batch)
+
+            # The epoch's metrics, assembled here from what the phases returned.
+            metrics = {**sampled.metrics, **rewards.metrics, **advantages.metrics, **update_metrics, **evaluated}
+            if log.image_every and (epoch % log.image_every == 0 or epoch == 1):
+                shown = sampled.batch.prompt_rows[:16]
+                self.tracker.log_images("rollout/images", sampled.batch.images[:16].numpy(), [sampled.items[int(r)].text for r in shown], epoch)
             self.tracker.log(metrics, epoch)
             if acc.is_main_process:
                 tqdm.write(self.summary(epoch, metrics))  # above the progress bars, not through them
-            if last or (config.log.save_every and epoch % config.log.save_every == 0):
-                self.save(epoch)
+
+            if last or (log.save_every and epoch % log.save_every == 0):
+                self.save(epoch, global_step)
         self.executor.shutdown()
         self.tracker.finish()
         if acc.is_main_process:
-            self.print_eval_change()  # last, below W&B's run summary
+            self.evaluator.print_change()  # last, below W&B's run summary
         acc.end_training()
 
     # ------------------------------------------------------------------ phases
 
-    def draw(self, epoch: int) -> tuple[list[Item], torch.Tensor, torch.Tensor]:
+    def draw(self, epoch: int) -> Drawn:
         """This rank's samples: the epoch's items (one per group), its global sample ids and their group ids."""
         layout, config = self.layout, self.config
         prompt_ids = draw_prompt_indices(len(self.items), config.sample.num_groups, seed=config.seed, epoch=epoch)
-        order = torch.randperm(layout.num_samples, generator=_generator(config.seed, epoch, 1))
-        positions = torch.tensor(layout.rank_positions(self.accelerator.process_index))
-        sample_ids = order[positions]
-        group_ids = sample_ids // layout.group_size
-        return [self.items[i] for i in prompt_ids], sample_ids, group_ids
+        order = torch.randperm(layout.num_samples, generator=seeded_generator(config.seed, epoch, 1))
+        sample_ids = order[torch.tensor(layout.rank_positions(self.ranks.rank))]
+        return Drawn([self.items[i] for i in prompt_ids], sample_ids, sample_ids // layout.group_size)
 
     def sde_steps(self, epoch: int) -> list[int]:
         sde = self.config.sde
         return sde_step_indices(
             self.config.sample.num_steps, sde.window, steps=sde.steps, window_size=sde.window_size,
-            window_range=sde.window_range, generator=_generator(self.config.seed, epoch, 2),
+            window_range=sde.window_range, generator=seeded_generator(self.config.seed, epoch, 2),
         )
 
-    def source_images(self, items: list[Item]) -> list[np.ndarray] | None:
-        """Editing: the items' source images at the training resolution (decoded once per run)."""
-        if items and items[0].source is None:
-            return None
-        resolution = self.config.sample.resolution
-        for item in items:
-            if item.source not in self._sources:
-                self._sources[item.source] = load_source_image(item.source, resolution)
-        return [self._sources[item.source] for item in items]
-
-    def reward_batch(self, images: torch.Tensor, items: list[Item], sources: list[np.ndarray] | None):
-        from rewards.base import RewardBatch
-
-        texts = [item.text for item in items]
-        return RewardBatch(
-            images=images.numpy(), prompts=texts, source_images=sources,
-            instructions=texts if sources is not None else None,
-        )
-
-    def sample_and_score(self, epoch, items, sample_ids, group_ids, metrics) -> tuple[Rollout, dict[str, np.ndarray]]:
+    def roll_out(self, epoch: int, drawn: Drawn) -> Sampled:
+        """Sample this rank's images with the epoch's noise (`epoch` seeds it); each decoded batch
+        goes to the reward thread at once, so scoring overlaps with sampling."""
         config = self.config
         start = time.perf_counter()
         # Every group's prompt (and source image) is encoded once per epoch and reused for
         # sampling and training.
-        unique_groups, rows = torch.unique(group_ids, return_inverse=True)
-        self.epoch_items = [items[int(g)] for g in unique_groups]
-        sources = self.source_images(self.epoch_items)
-        self.cond = self.policy.encode([item.text for item in self.epoch_items], source_images=sources)
-        futures: list[Future] = []
+        unique_groups, rows = torch.unique(drawn.group_ids, return_inverse=True)
+        items = [drawn.items[int(g)] for g in unique_groups]
+        sources = self.sources(items)
+        cond = self.policy.encode([item.text for item in items], source_images=sources)
+        pending: list[Future] = []
 
         def score_async(first: int, images: torch.Tensor) -> None:
             picked = [int(r) for r in rows[first : first + len(images)]]
-            batch = self.reward_batch(
-                images, [self.epoch_items[r] for r in picked], [sources[r] for r in picked] if sources is not None else None
-            )
-            futures.append(self.executor.submit(self.rewards.score, batch))
+            batch = reward_batch(images, [items[r] for r in picked], [sources[r] for r in picked] if sources is not None else None)
+            pending.append(self.executor.submit(self.rewards.score, batch))
 
         with torch.no_grad():
             batch = rollout(
-                self.policy, self.cond, rows, sample_ids, group_ids,
+                self.policy, cond, rows, drawn.sample_ids, drawn.group_ids,
                 seed=config.seed, epoch=epoch, num_steps=config.sample.num_steps,
                 guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
                 progress=self.show, on_batch=score_async,
             )
-        metrics["time/rollout_s"] = time.perf_counter() - start
-        wait_start = time.perf_counter()
-        parts = [f.result() for f in futures]
-        metrics["time/reward_wait_s"] = time.perf_counter() - wait_start
-        scores = {c: np.concatenate([p.scores[c] for p in parts]) for c in self.rewards.components}
-        self.uncertainty = {
-            c: np.concatenate([p.uncertainty[c] for p in parts]) for c in self.rewards.components if all(c in p.uncertainty for p in parts)
-        }
-        from rewards.runner import _is_count
+        return Sampled(batch, cond, items, pending, {"time/rollout_s": time.perf_counter() - start})
 
+    def score(self, sampled: Sampled) -> Rewards:
+        """Wait for the rollout's reward jobs; extras and timings are combined over ranks (counts
+        summed, other extras averaged)."""
+        from rewards.runner import is_count
+
+        start = time.perf_counter()
+        parts = [job.result() for job in sampled.pending]
+        metrics = {"time/reward_wait_s": time.perf_counter() - start}
+        components = self.rewards.components
+        scores = {c: np.concatenate([p.scores[c] for p in parts]) for c in components}
+        uncertainty = {c: np.concatenate([p.uncertainty[c] for p in parts]) for c in components if all(c in p.uncertainty for p in parts)}
         for key in parts[0].extras:
             values = [p.extras.get(key, 0.0) for p in parts]
-            local = float(np.sum(values)) if _is_count(key) else float(np.mean(values))
-            metrics[f"reward_extras/{key}"] = self._sum_over_ranks(local) if _is_count(key) else self._mean_over_ranks(local)
+            if is_count(key):
+                metrics[f"reward_extras/{key}"] = self.ranks.sum(float(np.sum(values)))
+            else:
+                metrics[f"reward_extras/{key}"] = self.ranks.mean(float(np.mean(values)))
         for name in parts[0].seconds:
-            metrics[f"time/reward/{name}_s"] = self._sum_over_ranks(sum(p.seconds[name] for p in parts))
-        metrics["time/reward_s"] = self._sum_over_ranks(sum(sum(p.seconds.values()) for p in parts))
-        return batch, scores
+            metrics[f"time/reward/{name}_s"] = self.ranks.sum(sum(p.seconds[name] for p in parts))
+        metrics["time/reward_s"] = self.ranks.sum(sum(sum(p.seconds.values()) for p in parts))
+        return Rewards(scores, uncertainty, metrics)
 
-    def advantages(self, epoch: int, items: list[Item], batch: Rollout, scores: dict[str, np.ndarray], metrics) -> tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, epoch: int, drawn: Drawn, sampled: Sampled, rewards: Rewards) -> Advantages:
         """Gather every rank's rewards and group ids, normalise per group, keep this rank's slice."""
         start = time.perf_counter()
-        acc, t = self.accelerator, self.config.train
-        gathered = {name: self._gather(values) for name, values in scores.items()}
-        all_groups = acc.gather(batch.group_ids.to(acc.device)).cpu()
+        ranks, t = self.ranks, self.config.train
+        batch = sampled.batch
+        gathered = {name: ranks.gather(values) for name, values in rewards.scores.items()}
+        all_groups = ranks.gather_tensor(batch.group_ids)
         # Mixing runs on the gathered scores: per-component group normalisation needs whole groups.
         all_rewards = self.rewards.trained_reward(gathered, all_groups.numpy())
         result = group_advantages(
             torch.from_numpy(all_rewards), all_groups, global_std=t.global_std,
             clip=t.adv_clip, drop_zero_std=t.drop_zero_std,
         )
-        weights = self.rewards.advantage_weights({name: self._gather(v) for name, v in self.uncertainty.items()})
+        metrics: dict[str, float] = {}
+        weights = self.rewards.advantage_weights({name: ranks.gather(v) for name, v in rewards.uncertainty.items()})
         if weights is not None:
             result.advantages = result.advantages * torch.from_numpy(weights).float()
             metrics["train/uncertainty_weight_mean"] = float(weights[result.trained.numpy()].mean()) if result.trained.any() else float("nan")
-        for name, values in self.uncertainty.items():
-            metrics[f"reward/{name}/uncertainty_mean"] = _nanmean(self._gather(values))
+        for name, values in rewards.uncertainty.items():
+            metrics[f"reward/{name}/uncertainty_mean"] = nanmean(ranks.gather(values))
         for name, values in gathered.items():
-            role = self.rewards.roles[name]
-            metrics[f"reward/{name}/mean"] = _nanmean(values)
-            metrics[f"reward/{name}/std"] = float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
+            metrics[f"reward/{name}/mean"] = nanmean(values)
+            metrics[f"reward/{name}/std"] = nanstd(values)
             metrics[f"reward/{name}/missing"] = int(np.isnan(values).sum())
-            metrics[f"reward/{name}/is_monitor"] = int(role == "monitor")
-        metrics["reward/mean"] = _nanmean(all_rewards)
-        metrics["reward/std"] = float(np.nanstd(all_rewards)) if np.isfinite(all_rewards).any() else float("nan")
+            metrics[f"reward/{name}/is_monitor"] = int(self.rewards.roles[name] == "monitor")
+        metrics["reward/mean"] = nanmean(all_rewards)
+        metrics["reward/std"] = nanstd(all_rewards)
         metrics["reward/missing"] = result.metrics["missing_count"]
         metrics["train/zero_std_ratio"] = result.metrics["zero_std_ratio"]
         metrics["train/trained_fraction"] = result.metrics["trained_fraction"]
         metrics["train/advantage_abs_mean"] = result.metrics["abs_mean"]
-        self.all_trained = result.trained  # [N] in gathered (rank-major) order
         if self.config.log.save_samples:
-            all_ids = acc.gather(batch.sample_ids.to(acc.device)).cpu()
+            all_ids = ranks.gather_tensor(batch.sample_ids)
             self.tracker.save_samples(epoch, [
                 {
-                    "sample_id": int(all_ids[i]), "group_id": int(all_groups[i]), "prompt": items[int(all_groups[i])].text,
+                    "sample_id": int(all_ids[i]), "group_id": int(all_groups[i]), "prompt": drawn.items[int(all_groups[i])].text,
                     "reward": _json_float(all_rewards[i]), "advantage": float(result.advantages[i]), "trained": bool(result.trained[i]),
                     **{f"reward/{name}": _json_float(values[i]) for name, values in gathered.items()},
                 }
                 for i in range(len(all_ids))
             ])
-        rank = acc.process_index
-        n = self.layout.per_rank
         metrics["time/advantages_s"] = time.perf_counter() - start
-        return result.advantages[rank * n : (rank + 1) * n], result.trained[rank * n : (rank + 1) * n]
+        mine = slice(ranks.rank * self.layout.per_rank, (ranks.rank + 1) * self.layout.per_rank)
+        return Advantages(result.advantages[mine], result.trained[mine], result.trained, metrics)
 
-    def update(self, epoch: int, batch: Rollout, advantages: torch.Tensor, trained: torch.Tensor, metrics) -> None:
+    def update(self, epoch: int, sampled: Sampled, adv: Advantages, global_step: int) -> tuple[int, dict[str, float]]:
+        """train.inner_epochs passes over the epoch's samples, one optimizer step per minibatch
+        (in a seeded order); returns the optimizer steps taken so far and the update's metrics."""
         start = time.perf_counter()
         acc, config, layout = self.accelerator, self.config, self.layout
         t = config.train
+        batch, trained = sampled.batch, adv.trained
         self.policy.transformer.train()
         device = acc.device
         sigmas = batch.sigmas.to(device)
         m, W = layout.per_rank_minibatch, layout.world_size
         # Global trained count of each minibatch, from the gathered mask: every rank knows it.
-        all_trained = self.all_trained.view(W, layout.num_minibatches, m)
-        counts = all_trained.sum(dim=(0, 2))
+        counts = adv.all_trained.view(W, layout.num_minibatches, m).sum(dim=(0, 2))
         sums = {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
         terms, ratio_err, grad_norms, first_update_done = 0, 0.0, [], False
         params = self.policy.trainable_parameters()
         progress = tqdm(total=t.inner_epochs * layout.num_minibatches, desc="train", disable=not self.show, leave=False)
         for inner in range(t.inner_epochs):
-            for k in torch.randperm(layout.num_minibatches, generator=_generator(config.seed, epoch, 3, inner)).tolist():
+            for k in torch.randperm(layout.num_minibatches, generator=seeded_generator(config.seed, epoch, 3, inner)).tolist():
                 progress.update(1)
                 if counts[k] == 0:
                     continue  # nothing to learn from on any rank: skip consistently everywhere
@@ -398,10 +400,10 @@ class Trainer:
                 for first in range(k * m, (k + 1) * m, t.batch_size):
                     rows = _trained_rows(trained, first, t.batch_size)
                     weights = trained[rows].float().to(device) * scale
-                    cond = self.cond.take(batch.prompt_rows[rows])
+                    cond = sampled.cond.take(batch.prompt_rows[rows])
                     for j, step_index in enumerate(batch.step_indices):
                         with acc.accumulate(self.policy.transformer):
-                            out = self._train_step(batch, rows, j, step_index, sigmas, cond, advantages[rows].to(device), weights)
+                            out = self._train_step(batch, rows, j, step_index, sigmas, cond, adv.advantages[rows].to(device), weights)
                             if not first_update_done:
                                 ratio_err = max(ratio_err, float(out["ratio_err"]))
                             for key in sums:
@@ -413,16 +415,17 @@ class Trainer:
                             self.optimizer.zero_grad(set_to_none=True)
                         if acc.sync_gradients:
                             first_update_done = True
-                            self._after_optimizer_step(grad_norms)
+                            global_step += 1
+                            self._after_optimizer_step(global_step, grad_norms)
         progress.close()
         self.policy.transformer.eval()
-        for key, total in sums.items():
-            metrics[f"train/{key}"] = self._mean_over_ranks(total / max(terms, 1))
-        metrics["train/onpolicy_ratio_err"] = self._max_over_ranks(ratio_err)
+        metrics = {f"train/{key}": self.ranks.mean(total / max(terms, 1)) for key, total in sums.items()}
+        metrics["train/onpolicy_ratio_err"] = self.ranks.max(ratio_err)
         metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        metrics["train/global_step"] = self.global_step
+        metrics["train/global_step"] = global_step
         metrics["time/train_s"] = time.perf_counter() - start
+        return global_step, metrics
 
     def policy_gradient(self, prompt_epoch: int, noise_epoch: int) -> dict[str, torch.Tensor]:
         """The gradient of one epoch's GRPO loss at the current weights, per trainable parameter
@@ -431,10 +434,10 @@ class Trainer:
         as in epoch `noise_epoch`, so the same prompts can be sampled again with new noise."""
         if self.layout.world_size != 1:
             raise RuntimeError("policy_gradient runs in a single process")
-        metrics: dict[str, float] = {}
-        items, sample_ids, group_ids = self.draw(prompt_epoch)
-        batch, scores = self.sample_and_score(noise_epoch, items, sample_ids, group_ids, metrics)
-        advantages, trained = self.advantages(noise_epoch, items, batch, scores, metrics)
+        drawn = self.draw(prompt_epoch)
+        sampled = self.roll_out(noise_epoch, drawn)
+        adv = self.advantages(noise_epoch, drawn, sampled, self.score(sampled))
+        batch, trained = sampled.batch, adv.trained
         named = [(n, p) for n, p in self.accelerator.unwrap_model(self.policy.transformer).named_parameters() if p.requires_grad]
         for _, p in named:
             p.grad = None
@@ -444,15 +447,16 @@ class Trainer:
         sigmas = batch.sigmas.to(self.accelerator.device)
         for first in range(0, len(batch), self.config.train.batch_size):
             rows = _trained_rows(trained, first, self.config.train.batch_size)
-            cond = self.cond.take(batch.prompt_rows[rows])
+            cond = sampled.cond.take(batch.prompt_rows[rows])
             for j, step_index in enumerate(batch.step_indices):
-                self._train_step(batch, rows, j, step_index, sigmas, cond, advantages[rows], weights[rows])
+                self._train_step(batch, rows, j, step_index, sigmas, cond, adv.advantages[rows], weights[rows])
         grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in named}
         for _, p in named:
             p.grad = None
         return grads
 
     def _train_step(self, batch: Rollout, rows, j, step_index, sigmas, cond, advantages, weights) -> dict:
+        """Forward and backward of the GRPO loss of samples `rows` at their j-th trained step."""
         config, acc = self.config, self.accelerator
         latents = batch.latents[rows, j].to(acc.device)
         next_latents = batch.next_latents[rows, j].to(acc.device)
@@ -471,136 +475,20 @@ class Trainer:
         acc.backward(loss)
         return out
 
-    def _after_optimizer_step(self, grad_norms: list[float]) -> None:
-        t = self.config.train
+    def _after_optimizer_step(self, global_step: int, grad_norms: list[float]) -> None:
+        """The learning-rate schedule steps once per optimizer step; the EMA every train.ema_every."""
         self.scheduler.step()
-        self.global_step += 1
         if self.deepspeed:
             norm = self.policy.transformer.get_global_grad_norm()
             if norm is not None:
                 grad_norms.append(float(norm))
-        if self.ema is not None and self.global_step % t.ema_every == 0:
+        if self.ema is not None and global_step % self.config.train.ema_every == 0:
             self.ema.step(self.policy.trainable_parameters())
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ checkpoints and the summary line
 
-    @contextmanager
-    def ema_weights(self):
-        if self.ema is None:
-            yield
-            return
-        params = self.policy.trainable_parameters()
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
-
-    def evaluate(self, epoch: int) -> dict[str, float]:
-        """ODE sampling with the EMA weights on the held-out prompts; the same noise every time."""
-        start = time.perf_counter()
-        acc, config = self.accelerator, self.config
-        indices = list(range(acc.process_index, len(self.eval_items), acc.num_processes))
-        local_scores: dict[str, list[float]] = {c: [] for c in self.rewards.components}
-        local_reward: list[float] = []
-        images = None
-        if indices:
-            items = [self.eval_items[i] for i in indices]
-            sources = self.source_images(items)
-            ids = torch.tensor(indices)
-            with torch.no_grad(), self.ema_weights():
-                cond = self.policy.encode([item.text for item in items], source_images=sources)
-                batch = rollout(
-                    self.policy, cond, torch.arange(len(indices)), ids, ids,
-                    seed=config.seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
-                    guidance_scale=config.eval.guidance_scale, resolution=config.sample.resolution,
-                    batch_size=config.eval.batch_size, sde=self.sde, sde_steps=[], progress=self.show, desc="eval",
-                )
-            images = batch.images
-            scored = self.rewards.score(self.reward_batch(images, items, sources))
-            for c in local_scores:
-                local_scores[c] = scored.scores[c].tolist()
-            # Each held-out prompt is its own group: no group normalisation here.
-            local_reward = self.rewards.trained_reward(scored.scores, group_normalize=False).tolist()
-        # Every rank's samples, back in eval-item order (the order is the pairing across evaluations).
-        order = np.argsort(np.array(self._gather_list(indices), dtype=np.int64), kind="stable")
-        per_sample = {f"eval/{c}": np.array(self._gather_list(values), dtype=np.float64)[order] for c, values in local_scores.items()}
-        per_sample["eval/reward"] = np.array(self._gather_list(local_reward), dtype=np.float64)[order]
-        metrics = {key: _nanmean(values) for key, values in per_sample.items()}
-        metrics.update(self.eval_change(epoch, per_sample))
-        metrics["time/eval_s"] = time.perf_counter() - start
-        if images is not None and acc.is_main_process:
-            shown = images[:: config.eval.samples_per_prompt][:16].numpy()  # one sample per prompt
-            captions = [item.text for item in items[:: config.eval.samples_per_prompt][:16]]
-            self.tracker.log_images("eval/images", shown, captions, epoch)
-            self.before_after(epoch, shown, captions)
-        return metrics
-
-    @property
-    def eval_before_path(self) -> Path:
-        return Path(self.config.run_dir) / "eval_before.npz"
-
-    def eval_change(self, epoch: int, per_sample: dict[str, np.ndarray]) -> dict[str, float]:
-        """Keep the per-sample scores of the evaluation before training (run_dir/eval_before.npz,
-        so a resumed run has them); at a later evaluation, the paired change of each metric since
-        then and its standard error over prompts (rl.stats.paired_change), as `<metric>/change`
-        and `<metric>/change_se`."""
-        path = self.eval_before_path
-        if epoch == 0:
-            if self.accelerator.is_main_process:
-                np.savez(path, **{key.replace("/", "|"): values for key, values in per_sample.items()})
-            return {}
-        if not path.exists():
-            return {}
-        before = {key.replace("|", "/"): values for key, values in np.load(path).items()}
-        prompts = np.arange(len(self.eval_items)) // self.config.eval.samples_per_prompt
-        out = {}
-        for key, values in per_sample.items():
-            if key in before and before[key].shape == values.shape:
-                out[f"{key}/change"], out[f"{key}/change_se"] = paired_change(before[key], values, prompts)
-        return out
-
-    def print_eval_change(self) -> None:
-        """Print every evaluation metric before training (epoch 0) and at the end, from metrics.jsonl."""
-        path = Path(self.config.run_dir) / "metrics.jsonl"
-        if not path.exists():
-            return
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        evals = [row for row in rows if "eval/reward" in row]
-        if len(evals) < 2 or evals[0]["epoch"] != 0:
-            return
-        first, last = evals[0], evals[-1]
-        num_prompts = len(self.eval_items) // self.config.eval.samples_per_prompt
-        lines = [f"held-out evaluation ({num_prompts} prompts x {self.config.eval.samples_per_prompt} samples, "
-                 f"epoch 0 -> epoch {last['epoch']}):"]
-        for key in first:
-            if key.startswith("eval/") and first[key] is not None and last.get(key) is not None:
-                line = f"  {key}: {first[key]:.4f} -> {last[key]:.4f} ({last[key] - first[key]:+.4f}"
-                se = last.get(f"{key}/change_se")
-                lines.append(line + (f" +- {se:.4f})" if se is not None else ")"))
-        if any(f"{key}/change_se" in last for key in first):
-            lines.append("  (+- is the standard error of the change over the held-out prompts, same noise before and after;\n"
-                         "   a change within about two of them could be sampling noise: raise eval.num_prompts or eval.samples_per_prompt)")
-        print("\n".join(lines), flush=True)
-
-    def before_after(self, epoch: int, images: np.ndarray, captions: list[str]) -> None:
-        """Keep the first evaluation's images (run_dir/images/eval_before.npz, so a resumed run
-        has them too); at the end of training, write them above the final ones as
-        run_dir/before_after.png (and log it), same prompts and same noise in each column."""
-        path = Path(self.config.run_dir) / "images" / "eval_before.npz"
-        if epoch == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, images=images)
-        elif epoch == self.config.num_epochs and path.exists():
-            before = np.load(path)["images"]
-            count = min(len(before), len(images))
-            self.tracker.log_before_after(before[:count], images[:count], captions[:count], epoch)
-
-    # ------------------------------------------------------------------ checkpoints and helpers
-
-    def save(self, epoch: int) -> None:
-        state = {"epoch": epoch, "global_step": self.global_step, "seed": self.config.seed}
+    def save(self, epoch: int, global_step: int) -> None:
+        state = {"epoch": epoch, "global_step": global_step, "seed": self.config.seed}
         path = self.checkpoint.save_checkpoint(self.accelerator, self.policy, self.config.run_dir, state, keep=self.config.log.keep_checkpoints)
         self.accelerator.print(f"trustgrpo: saved {path}")
 
@@ -611,34 +499,11 @@ class Trainer:
                 parts.append(f"{key.split('/')[-1]} {metrics[key]:.4g}")
         return " | ".join(parts)
 
-    def _gather(self, values: np.ndarray) -> np.ndarray:
-        acc = self.accelerator
-        return acc.gather(torch.as_tensor(values, dtype=torch.float64, device=acc.device)).cpu().numpy()
-
-    def _gather_list(self, values: list) -> list:
-        from accelerate.utils import gather_object
-
-        return gather_object(values) if self.accelerator.num_processes > 1 else list(values)
-
-    def _sum_over_ranks(self, value: float) -> float:
-        return float(self._gather(np.array([value])).sum())
-
-    def _mean_over_ranks(self, value: float) -> float:
-        return float(self._gather(np.array([value])).mean())
-
-    def _max_over_ranks(self, value: float) -> float:
-        return float(self._gather(np.array([value])).max())
-
 
 def _json_float(value) -> float | None:
     """NaN (a missing reward) becomes null in JSON files."""
     value = float(value)
     return None if math.isnan(value) else value
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         # Raised while reading the data files, before any model loads.
         print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
+        # What only the launch reveals (a DeepSpeed config at odds with the run config).
+        print(f"config error: {err}", file=sys.stderr)
         return 2
     trainer.run()
     return 0

@@ -16,9 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny models: thread start-up costs more than it saves, and is slow on busy shared CPUs.
+    A module uses it with `pytestmark = pytest.mark.usefixtures("one_cpu_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory) -> Path:
-    from models.tiny import ensure_tiny_sd3
+    from models.fixtures.sd3 import ensure_tiny_sd3
 
     return ensure_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3", text_max_length=32)
 
@@ -47,7 +59,7 @@ def accelerate_launcher(config_file: str) -> list[str]:
 def make_sd3_policy(tiny_sd3):
     """Factory for an SD3Policy on the tiny pipeline (fp32, LoRA rank 4 / alpha 4 unless told)."""
     from models.sd3 import SD3Policy
-    from rl.config import LoraSettings, ModelConfig
+    from models.config import LoraSettings, ModelConfig
 
     def make(*, dtype: str = "fp32", use_lora: bool = True, rank: int = 4, alpha: int = 4, gradient_checkpointing: bool = False):
         config = ModelConfig(

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from rewards.firm import load_judge_processor
+from rewards.judges.backends import load_judge_processor
 
 GARBAGE_REPLY = "I would rather not say."
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from rl import config as cfg
-from rl.config import ConfigError, RewardSpec, RunConfig, load_config
+from rewards.config import RewardSpec
+from rl.config import ConfigError, RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,37 +265,44 @@ def test_train_cli_reports_config_errors_fast(tmp_path):
     assert elapsed < 20, f"config error took {elapsed:.1f} s to report"
 
 
-def _leaf_keys(cls, prefix=""):
-    """Every leaf key of the schema, walking nested sections and dict[str, Section] entries."""
-    keys = []
-    hints = typing.get_type_hints(cls)
+SECTION = object()  # the "default" of a section line
+
+
+def _schema_fields(cls, prefix=""):
+    """(key, docstring, default) of every field of the schema, sections and dict[str, Section]
+    entries included, in declaration order. The docstring is read from the class's source text
+    (the string literal on the line under the field), the default from a default instance."""
+    source = inspect.getsource(cls)
+    docs = dict(re.findall(r'^    (\w+): [^\n]*\n    """(.*?)"""', source, re.M))
+    hints, instance = typing.get_type_hints(cls), cls()
+    fields = []
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], prefix + f.name
+        fields.append((key, docs.get(f.name, ""), SECTION if dataclasses.is_dataclass(tp) else getattr(instance, f.name)))
         if dataclasses.is_dataclass(tp):
-            keys += _leaf_keys(tp, key + ".")
-            continue
-        keys.append(key)
-        if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
-            keys += _leaf_keys(typing.get_args(tp)[1], key + ".<name>.")
-    return keys
+            fields += _schema_fields(tp, key + ".")
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            fields += _schema_fields(typing.get_args(tp)[1], key + ".<name>.")
+    return fields
 
 
 def test_reference_documents_every_field():
-    """`python -m rl.config` lists every field with type, default and a non-empty description."""
-    lines = cfg.reference()
-    docs = {}
-    for line in lines:
-        assert line.startswith("- `")
-        key = line[3:line.index("`", 3)]
-        sep = "`): " if "default `" in line else "`: "
-        docs[key] = line.split(sep, 1)[1].strip() if sep in line else ""
-    leaves = _leaf_keys(RunConfig)
-    assert len(leaves) > 60
-    for key in leaves:
-        assert key in docs, f"{key} missing from the reference"
-        assert docs[key], f"{key} has no description"
-    assert "AdamW learning rate" in docs["train.learning_rate"]
-    assert "default `0.0001`" in next(l for l in lines if l.startswith("- `train.clip_range`"))
-    assert "rewards.<name>.role" in docs
+    """`python -m rl.config` prints one line per schema field, in order, with its default and the
+    docstring written under it in the source; the README's reference is that output verbatim."""
     out = subprocess.run([sys.executable, "-m", "rl.config"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.splitlines() == lines
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout.splitlines()
+    fields = _schema_fields(RunConfig)
+    assert len(fields) > 60 and "rewards.<name>.role" in [key for key, _, _ in fields]
+    assert [line[3 : line.index("`", 3)] for line in printed] == [key for key, _, _ in fields]
+    for line, (key, doc, default) in zip(printed, fields):
+        assert doc, f"{key} has no docstring in the schema"
+        assert line.endswith(f": {doc}"), line
+        if default is not SECTION:
+            assert f", default `{default!r}`): " in line, line
+
+    readme = (REPO / "README.md").read_text().splitlines()
+    intro = next(i for i, line in enumerate(readme) if line == "reference:" and "python -m rl.config" in readme[i - 1])
+    rest = readme[intro + 2 :]
+    section = rest[: rest.index("")] if "" in rest else rest
+    assert section == printed, "README's config reference is stale: paste the output of `python -m rl.config` into it"

@@ -24,7 +24,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory) -> Path:
-    from models.tiny_qwen import ensure_tiny_qwen_image_edit
+    from models.fixtures.qwen_image_edit import ensure_tiny_qwen_image_edit
 
     return ensure_tiny_qwen_image_edit(tmp_path_factory.mktemp("models") / "tiny-qwen-image-edit")
 
@@ -101,7 +101,7 @@ def test_firm_edit_with_cme_end_to_end(tiny_qwen, tmp_path):
     """An editing run rewarded by the FIRM-Edit judge (a tiny Qwen3-VL, in process) mixed with
     CME: source images reach the judge, scores come back as 1..5 with an uncertainty, and the
     trained reward is CME in [0, 1] (or missing, never 0 for a failed parse)."""
-    from models.tiny_vlm import build_tiny_qwen3_vl
+    from models.fixtures.vlm_judge import build_tiny_qwen3_vl
 
     judge = build_tiny_qwen3_vl(tmp_path / "judge")
     run_dir = tmp_path / "firm"

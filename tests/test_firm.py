@@ -1,7 +1,7 @@
 """FIRM judge workers: reply parsing, rubric templates, score distributions, and both backends on a
 tiny random-weight Qwen3-VL saved and loaded the way a user loads FIRM-Gen-8B / FIRM-Edit-8B.
 
-Expected values are computed here independently of rewards.firm: one unpadded sequence at a time,
+Expected values are computed here independently of the workers: one unpadded sequence at a time,
 full-vocabulary logits, digit ids looked up in the vocabulary, the min of the quality sub-scores by
 enumerating all 125 outcomes. The openai backend runs against a real HTTP server
 (tests/firm_server.py) in a subprocess that runs the same tiny model.
@@ -27,19 +27,13 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, free_port
-from models.tiny_vlm import build_tiny_qwen3_vl
+from models.fixtures.vlm_judge import build_tiny_qwen3_vl
+from rewards import build_worker
 from rewards.base import RewardBatch
-from rewards.firm import (
-    FirmEdit,
-    FirmGen,
-    distribution_from_logprobs,
-    fit_image,
-    min_distribution,
-    parse_score,
-    parse_scores,
-    register_image_only_processor,
-    score_moments,
-)
+from rewards.firm import FirmEdit, FirmGen, JudgeSettings
+from rewards.images import fit_image
+from rewards.judges.backends import register_image_only_processor
+from rewards.judges.parse import distribution_from_logprobs, min_distribution, parse_score, parse_scores, score_moments
 
 TEMPLATES = ROOT / "rewards" / "templates"
 PROMPTS = ["a red cube on a table", "two dogs", "a lighthouse at night, oil painting"]
@@ -248,7 +242,7 @@ def reference(judge_dir: Path) -> Reference:
 
     register_image_only_processor()
     processor = AutoProcessor.from_pretrained(judge_dir)
-    # Without the registration AutoProcessor would hand back the bare tokenizer.
+    # Without the registration AutoProcessor would build the stock processor, which needs torchvision.
     assert type(processor).__name__ == "ImageOnlyQwen3VLProcessor"
     model = AutoModelForImageTextToText.from_pretrained(judge_dir, dtype=torch.float32).eval()
     return Reference(model, processor)
@@ -302,7 +296,7 @@ def edit_expectations(reference: Reference, batch: RewardBatch, *, swap: bool = 
 
 def test_firm_gen_distribution_matches_the_models_score_token_probabilities(judge_dir, reference, gen_batch) -> None:
     # batch_size 2 over 12 requests of different lengths: chunked and left padded.
-    worker = FirmGen(str(judge_dir), dtype="fp32", batch_size=2)
+    worker = FirmGen(str(judge_dir), JudgeSettings(dtype="fp32", batch_size=2))
     assert worker.components == ("instruction", "quality")
     output = worker(gen_batch)
     expected = gen_expectations(reference, gen_batch, (TEMPLATES / "firm_gen_instruction.txt").read_text())
@@ -323,7 +317,7 @@ def test_firm_gen_distribution_matches_the_models_score_token_probabilities(judg
 def test_template_override_changes_what_the_judge_is_asked(judge_dir, reference, gen_batch, tmp_path) -> None:
     custom = tmp_path / "strict.txt"
     custom.write_text('Is this exactly "{prompt}"? Answer as JSON: {{"score": <1-5>}}')
-    worker = FirmGen(str(judge_dir), dtype="fp32", instruction_template=custom)
+    worker = FirmGen(str(judge_dir), JudgeSettings(dtype="fp32"), instruction_template=custom)
     output = worker(gen_batch)
     expected = gen_expectations(reference, gen_batch, custom.read_text())
     np.testing.assert_allclose(output.scores["instruction"], [row[0][0] for row in expected], atol=1e-5)
@@ -332,7 +326,7 @@ def test_template_override_changes_what_the_judge_is_asked(judge_dir, reference,
 
 
 def test_firm_edit_distribution_shows_the_source_image_first(judge_dir, reference, edit_batch) -> None:
-    worker = FirmEdit(str(judge_dir), dtype="fp32", batch_size=4)
+    worker = FirmEdit(str(judge_dir), JudgeSettings(dtype="fp32", batch_size=4))
     assert worker.components == ("execution", "consistency")
     output = worker(edit_batch)
     expected = edit_expectations(reference, edit_batch)
@@ -347,7 +341,7 @@ def test_firm_edit_distribution_shows_the_source_image_first(judge_dir, referenc
 
 
 def test_generate_mode_parses_replies_and_counts_failures(judge_dir, reference, gen_batch, caplog) -> None:
-    worker = FirmGen(str(judge_dir), dtype="fp32", scoring="generate", max_new_tokens=8, batch_size=3)
+    worker = FirmGen(str(judge_dir), JudgeSettings(dtype="fp32", scoring="generate", max_new_tokens=8, batch_size=3))
     with caplog.at_level(logging.WARNING, logger="rewards.firm"):
         output = worker(gen_batch)
     template = (TEMPLATES / "firm_gen_instruction.txt").read_text()
@@ -371,7 +365,7 @@ def test_generate_mode_parses_replies_and_counts_failures(judge_dir, reference, 
 
 
 def test_firm_edit_rejects_batches_without_source_images_or_instructions(judge_dir, edit_batch) -> None:
-    worker = FirmEdit(str(judge_dir), dtype="fp32")
+    worker = FirmEdit(str(judge_dir), JudgeSettings(dtype="fp32"))
     no_sources = RewardBatch(images=edit_batch.images, prompts=list(PROMPTS), instructions=list(INSTRUCTIONS))
     with pytest.raises(ValueError, match="source_images"):
         worker(no_sources)
@@ -382,10 +376,21 @@ def test_firm_edit_rejects_batches_without_source_images_or_instructions(judge_d
 
 def test_contradictory_or_incomplete_settings_raise(judge_dir) -> None:
     with pytest.raises(ValueError, match="base_url"):
-        FirmGen(str(judge_dir), backend="openai")
+        FirmGen(str(judge_dir), JudgeSettings(backend="openai"))
     with pytest.raises(ValueError, match="use_logprobs"):
-        FirmGen(str(judge_dir), scoring="distribution", use_logprobs=False)
-    assert FirmGen(str(judge_dir), dtype="fp32", use_logprobs=False).scoring == "generate"
+        FirmGen(str(judge_dir), JudgeSettings(scoring="distribution", use_logprobs=False))
+    assert FirmGen(str(judge_dir), JudgeSettings(dtype="fp32", use_logprobs=False)).scoring == "generate"
+
+
+def test_registry_builds_firm_workers_from_flat_params(judge_dir) -> None:
+    """A config's params mix JudgeSettings fields with the worker's own arguments; a misspelt key
+    fails naming the worker and the key, before any model loads."""
+    params = {"model": str(judge_dir), "dtype": "fp32", "batch_size": 2, "max_image_side": 64, "name": "judge"}
+    worker = build_worker("firm_edit", params)
+    assert isinstance(worker, FirmEdit) and worker.name == "judge" and worker.max_image_side == 64
+    assert worker.backend.batch_size == 2 and worker.backend.model.dtype == torch.float32
+    with pytest.raises(ValueError, match="'firm_gen'.*'batchsize'"):
+        build_worker("firm_gen", {"model": "unused", "batchsize": 2})
 
 
 # ---------------------------------------------------------------- openai backend over real HTTP
@@ -471,8 +476,9 @@ def server(servers: Servers) -> Iterator[JudgeServer]:
 
 
 def openai_worker(cls, server: JudgeServer, **kwargs):
-    settings = {"backend": "openai", "base_url": server.base_url, "api_model": "tiny-judge", "backoff_s": 0.01, **kwargs}
-    return cls("VisionXLab/FIRM-unused", **settings)
+    """The worker built from flat params, as a run config's rewards.<name>.params builds it."""
+    params = {"backend": "openai", "base_url": server.base_url, "api_model": "tiny-judge", "backoff_s": 0.01, **kwargs}
+    return cls.from_params(model="VisionXLab/FIRM-unused", **params)
 
 
 def test_openai_logprobs_match_the_model(server, reference, judge_dir, gen_batch, edit_batch) -> None:

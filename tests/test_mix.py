@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from rewards.base import RewardBatch
-from rewards.mix import cme, group_normalise, mix_rewards, qma, uncertainty_weights
+from rewards.mix import cme, group_normalise, mix_rewards, normalise_1_5, qma, uncertainty_weights
 from rewards.runner import RewardRunner
-from rl.config import MixConfig, RewardSpec
+from rewards.config import MixConfig, RewardSpec
 
 
 def test_cme_values():
@@ -37,10 +37,18 @@ def test_nan_propagates_through_base_and_bonus():
 
 
 def test_cme_is_not_hacked_by_consistency_alone():
-    """An unchanged source (consistency 5, execution 1) scores 0 under CME, unlike a 0.5/0.5 sum."""
-    assert cme([1], [5])[0] == 0.0
-    plain = 0.5 * (1 - 1) / 4 + 0.5 * (5 - 1) / 4
-    assert plain == 0.5
+    """An unchanged source (execution 1, consistency 5) earns 0 from the cme mix, while a 0.5/0.5
+    weighted sum of the same normalised scores pays it half the top reward (FIRM's editing hack)."""
+    # Samples: unchanged source (E=1, C=5), perfect edit (E=5, C=5), half-done edit that broke the
+    # rest (E=3, C=1). Normalised: E' = 0, 1, 0.5 and C' = 1, 1, 0.
+    raw = {"execution": np.array([1.0, 5.0, 3.0]), "consistency": np.array([5.0, 5.0, 1.0])}
+    weights = {"execution": 0.5, "consistency": 0.5}
+    gated = mix_rewards(raw, weights, kind="cme", base="execution", bonus="consistency")
+    # E' * (0.6 + 0.4 C'): 0 * 1, 1 * 1, 0.5 * 0.6
+    np.testing.assert_allclose(gated, [0.0, 1.0, 0.3], atol=1e-12)
+    normalised = {name: normalise_1_5(scores) for name, scores in raw.items()}
+    # 0.5 E' + 0.5 C': 0 + 0.5, 0.5 + 0.5, 0.25 + 0
+    np.testing.assert_allclose(mix_rewards(normalised, weights, kind="weighted_sum"), [0.5, 1.0, 0.25], atol=1e-12)
 
 
 def test_group_normalise_by_hand():
@@ -90,7 +98,7 @@ def test_monitor_components_are_scored_but_never_trained():
 
 def test_monitor_components_of_a_trained_worker():
     """shapes_geneval trained on strict only: partial is still scored and logged under its own key."""
-    from models.shapes import render, scene_from_caption
+    from models.shapes.scenes import render, scene_from_caption
 
     runner = RewardRunner({"shapes_geneval": RewardSpec(monitor_components=["partial"])}, MixConfig())
     assert runner.components == ["shapes_geneval/strict", "shapes_geneval/partial"]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoProcessor, CLIPModel
 
-from models.tiny_rewards import build_tiny_clip, build_tiny_clip_probe, build_tiny_image_classifier
+from models.fixtures.reward_models import build_tiny_clip, build_tiny_clip_probe, build_tiny_image_classifier
 from rewards.artifact import ArtifactDetector, ClipProbeDetector
 from rewards.base import RewardBatch
 from rewards.pickscore import PickScore

@@ -27,18 +27,12 @@ QWEN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pr
 PROMPTS = ["make the sky red", "add a small cat on the left", "remove it"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models: thread start-up costs more than it saves, and is slow on busy shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory) -> Path:
-    from models.tiny_qwen import ensure_tiny_qwen_image_edit
+    from models.fixtures.qwen_image_edit import ensure_tiny_qwen_image_edit
 
     return ensure_tiny_qwen_image_edit(tmp_path_factory.mktemp("models") / "tiny-qwen-image-edit")
 
@@ -47,7 +41,7 @@ def tiny_qwen(tmp_path_factory) -> Path:
 def make_policy(tiny_qwen):
     """Factory for a QwenImageEditPolicy on the tiny pipeline (fp32, LoRA rank 4 / alpha 4 unless told)."""
     from models.qwen_image_edit import QwenImageEditPolicy
-    from rl.config import LoraSettings, ModelConfig
+    from models.config import LoraSettings, ModelConfig
 
     def make(*, dtype: str = "fp32", use_lora: bool = True, rank: int = 4, alpha: int = 4, pretrained: Path | None = None):
         config = ModelConfig(
@@ -130,7 +124,7 @@ def test_tiny_pipeline_is_deterministic_and_loads_offline_through_from_pretraine
     from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from models.tiny_qwen import build_tiny_qwen_image_edit, ensure_tiny_qwen_image_edit, main
+    from models.fixtures.qwen_image_edit import build_tiny_qwen_image_edit, ensure_tiny_qwen_image_edit, main
 
     pipe = QwenImageEditPipeline.from_pretrained(str(tiny_qwen))
     assert isinstance(pipe.transformer, QwenImageTransformer2DModel)

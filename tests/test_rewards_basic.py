@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import rewards
-from rewards import WORKERS, build_worker
+from conftest import ROOT
+from rewards import WORKERS, build_worker, worker_factory
 from rewards.base import RewardBatch
 from rewards.jpeg import JpegCompressibility, jpeg_incompressibility
 from rewards.mix import weighted_sum
@@ -135,5 +137,22 @@ def test_bad_worker_params_name_the_worker():
         build_worker("jpeg_compressibility", {"qualty": 90})
 
 
-def test_package_exports():
-    assert rewards.build_worker is build_worker and "RewardWorker" in rewards.__all__
+def test_package_exports_the_registry_without_importing_any_worker():
+    """`from rewards import *` gives the registry and the worker protocol, and importing it loads no
+    worker module: a config can be read (and its worker names checked) without transformers."""
+    probe = (
+        "import sys\n"
+        "from rewards import *\n"
+        "print(sorted(name for name in dir() if not name.startswith('_') and name != 'sys'))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or m.startswith('rewards.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    exported, imported = result.stdout.splitlines()
+    assert exported == "['RewardBatch', 'RewardOutput', 'RewardWorker', 'WORKERS', 'build_worker', 'worker_factory']"
+    assert imported == "['rewards.base']"
+
+
+def test_every_registered_worker_resolves():
+    """Each "module:attribute" entry names a callable, so a misspelt entry fails here, not mid-run."""
+    for name, target in WORKERS.items():
+        assert callable(worker_factory(name)), f"{name}: {target}"

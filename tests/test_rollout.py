@@ -21,13 +21,7 @@ SDE = SDESettings(dynamics="flow_sde", noise_level=0.7)
 SD3_SHIFT = 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models: thread start-up costs more than it saves, and is slow on busy shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture

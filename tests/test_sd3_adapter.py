@@ -19,13 +19,7 @@ def random_latents(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, *LATENT_SHAPE), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models: thread start-up costs more than it saves, and is slow on busy shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def assert_images_match(ours: np.ndarray, expected: np.ndarray) -> None:

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.base import draw_noise
 from rl.sde import (
-    draw_noise,
+
     flow_sde_step,
     kl_scale,
     ode_step,

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from models.shapes import (
+from models.shapes.scenes import (
     COLOURS,
     NUMBER_WORDS,
     all_captions,
@@ -20,7 +20,8 @@ from models.shapes import (
     split_prompts,
 )
 from rewards.base import RewardBatch
-from rewards.shapes_geneval import ShapesGenEval, detect
+from models.shapes.checker import detect
+from rewards.shapes_geneval import ShapesGenEval
 
 NUM_SCENES = 300
 

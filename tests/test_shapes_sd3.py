@@ -12,8 +12,8 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from models import shapes
-from models.shapes_sd3 import (
+from models.shapes import scenes as shapes
+from models.shapes.pretrain import (
     SPLIT_SEED,
     TEXT_MAX_LENGTH,
     build_clip_tokenizer,
@@ -109,7 +109,7 @@ def test_committed_model_draws_the_shapes_domain():
     from models.sd3 import SD3Policy
     from rewards.base import RewardBatch
     from rewards.shapes_geneval import ShapesGenEval
-    from rl.config import ModelConfig
+    from models.config import ModelConfig
     from rl.rollout import SDESettings, rollout
 
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle",

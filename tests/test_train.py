@@ -177,8 +177,9 @@ def test_wandb_offline_run_logs_metrics_and_images(tiny_sd3, tmp_path):
         + tiny_overrides(tiny_sd3, run_dir),
         env={"WANDB_MODE": "offline"},
     )
-    runs = list((run_dir / "wandb").rglob("offline-run-*"))
-    assert runs, "no offline W&B run under run_dir/wandb"
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run directly under run_dir/wandb"
+    assert not (run_dir / "wandb" / "wandb").exists(), "W&B files nested twice (run_dir/wandb/wandb)"
     assert list(runs[0].glob("run-*.wandb"))
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "image grids were not logged to W&B"
     assert (run_dir / "images" / "rollout_images_epoch00001.png").exists()
@@ -218,12 +219,10 @@ def test_policy_gradient_is_the_gradient_the_first_update_follows(tiny_sd3, tmp_
     assert all(torch.equal(grads[n], again[n]) for n in grads)
     assert any(not torch.equal(grads[n], other_noise[n]) for n in grads)
 
-    # Epoch 1 of the trainer itself: same prompts, same noise, one Adam step.
-    metrics: dict = {}
-    items, sample_ids, group_ids = trainer.draw(1)
-    batch, scores = trainer.sample_and_score(1, items, sample_ids, group_ids, metrics)
-    advantages, trained = trainer.advantages(1, items, batch, scores, metrics)
-    trainer.update(1, batch, advantages, trained, metrics)
+    # Epoch 1 of the trainer itself, through its own phases: same prompts, same noise, one Adam step.
+    drawn = trainer.draw(1)
+    sampled = trainer.roll_out(1, drawn)
+    trainer.update(1, sampled, trainer.advantages(1, drawn, sampled, trainer.score(sampled)), 0)
     after = trainer.policy.trainable_state_dict()
     checked = 0
     for name, grad in grads.items():
@@ -250,20 +249,21 @@ def test_update_skips_samples_of_dropped_groups(tiny_sd3, tmp_path, monkeypatch)
     ]
 
     def one_update(trainer) -> tuple[dict[str, torch.Tensor], int, int]:
-        metrics: dict = {}
-        items, sample_ids, group_ids = trainer.draw(1)
-        batch, scores = trainer.sample_and_score(1, items, sample_ids, group_ids, metrics)
-        advantages, trained = trainer.advantages(1, items, batch, scores, metrics)
-        assert bool(trained.all()), "the continuous reward should leave every group trained"
+        from rl.train import Advantages
+
+        drawn = trainer.draw(1)
+        sampled = trainer.roll_out(1, drawn)
+        adv = trainer.advantages(1, drawn, sampled, trainer.score(sampled))
+        assert bool(adv.trained.all()), "the continuous reward should leave every group trained"
         # Drop group 1, as the trainer drops a group whose rewards are all equal.
-        dropped = batch.group_ids == 1
-        trained, advantages = trained & ~dropped, torch.where(dropped, 0.0, advantages)
-        trainer.all_trained = trained.clone()
+        dropped = sampled.batch.group_ids == 1
+        trained = adv.trained & ~dropped
+        adv = Advantages(torch.where(dropped, 0.0, adv.advantages), trained, trained.clone())
         rows = []
         hook = trainer.policy.network.register_forward_pre_hook(
             lambda module, args, kwargs: rows.append(int(kwargs["hidden_states"].shape[0])), with_kwargs=True
         )
-        trainer.update(1, batch, advantages, trained, metrics)
+        trainer.update(1, sampled, adv, 0)
         hook.remove()
         per_batch = trained.view(-1, 2).sum(dim=1)  # trained samples in each forward batch of 2
         assert (per_batch == 0).any() and (per_batch == 1).any(), "the layout should cover both cases"

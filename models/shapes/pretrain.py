@@ -1,4 +1,4 @@
-"""A small pretrained SD3 for the shapes domain (models/shapes.py): the embedded demo's model.
+"""A small pretrained SD3 for the shapes domain (models/shapes/scenes.py): the embedded demo's model.
 
 Same classes as Stable Diffusion 3.5 (StableDiffusion3Pipeline with SD3Transformer2DModel, an
 AutoencoderKL, two CLIP text encoders and a T5 encoder, FlowMatchEulerDiscreteScheduler), shrunk
@@ -16,8 +16,8 @@ held-out captions (whole content combinations, see split_prompts) measure genera
 
 CLI (writes a diffusers pipeline directory, loadable with from_pretrained, plus pretrain_log.json)::
 
-    python -m models.shapes_sd3 OUT_DIR [--steps 3300] [--vae-steps 800] [--seed 0]
-    python -m models.shapes_sd3 OUT_DIR --init DIR --steps 2000 [--lr 4e-4]   # continue DIR's training
+    python -m models.shapes.pretrain OUT_DIR [--steps 3300] [--vae-steps 800] [--seed 0]
+    python -m models.shapes.pretrain OUT_DIR --init DIR --steps 2000 [--lr 4e-4]   # continue DIR's training
 
 With --init, the VAE, tokenizers and weights come from DIR (a directory this script wrote) and only
 the transformer and the text encoders train further, on the scenes DIR was trained on (--seed then
@@ -52,7 +52,8 @@ from transformers import (
     T5Tokenizer,
 )
 
-from models import shapes
+from models.shapes import scenes as shapes
+from models.shapes.checker import ShapesChecker
 
 __all__ = ["TEXT_MAX_LENGTH", "SPLIT_SEED", "build_pipeline", "pretrain", "evaluate", "main"]
 
@@ -314,10 +315,7 @@ def evaluate(
     num_steps: int = 10, guidance_scale: float = 4.5, batch: int = 32,
 ) -> dict[str, float]:
     """Strict / partial shapes_geneval accuracy of `pipe(...)` samples (the diffusers sampler)."""
-    from rewards.base import RewardBatch
-    from rewards.shapes_geneval import ShapesGenEval
-
-    scorer = ShapesGenEval()
+    scorer = ShapesChecker()
     jobs = [(prompt, seed) for seed in range(seeds_per_prompt) for prompt in prompts]
     strict, partial = [], []
     for start in tqdm(range(0, len(jobs), batch), desc="evaluate", leave=False):
@@ -327,27 +325,24 @@ def evaluate(
             height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=TEXT_MAX_LENGTH, output_type="np",
             generator=[torch.Generator().manual_seed(10_000 + s) for _, s in chunk],
         ).images
-        out = scorer(RewardBatch(images=(images * 255).round().astype(np.uint8), prompts=[p for p, _ in chunk]))
-        strict += out.scores["strict"].tolist()
-        partial += out.scores["partial"].tolist()
+        chunk_strict, chunk_partial = scorer.score((images * 255).round().astype(np.uint8), [p for p, _ in chunk])
+        strict += chunk_strict.tolist()
+        partial += chunk_partial.tolist()
     return {"strict": float(np.mean(strict)), "partial": float(np.mean(partial)), "images": len(strict)}
 
 
 @torch.no_grad()
 def reconstruction_accuracy(vae: AutoencoderKL, captions: Sequence[str], seed: int) -> dict[str, float]:
     """shapes_geneval strict accuracy of renders of `captions` and of their VAE round trips."""
-    from rewards.base import RewardBatch
-    from rewards.shapes_geneval import ShapesGenEval
-
     rng = np.random.default_rng(seed + 1)
     renders = np.stack([shapes.render(shapes.scene_from_caption(c, rng), IMAGE_SIZE) for c in captions])
     images = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     decoded = vae.decode(vae.encode(images).latent_dist.mean).sample
     decoded = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    scorer = ShapesGenEval()
+    scorer = ShapesChecker()
     return {
-        "renders": float(scorer(RewardBatch(images=renders, prompts=list(captions))).scores["strict"].mean()),
-        "reconstructions": float(scorer(RewardBatch(images=decoded, prompts=list(captions))).scores["strict"].mean()),
+        "renders": float(scorer.score(renders, list(captions))[0].mean()),
+        "reconstructions": float(scorer.score(decoded, list(captions))[0].mean()),
     }
 
 
@@ -425,7 +420,7 @@ def pretrain(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.shapes_sd3", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models.shapes.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--steps", type=int, default=3300, help="transformer + text-encoder steps (batch 64)")
     parser.add_argument("--vae-steps", type=int, default=800, help="VAE steps (batch 16)")

@@ -1,0 +1,43 @@
+"""The model section of a run config: which adapter, which checkpoint, LoRA. Read by the adapters;
+composed into the run config by rl.config (one docstring per field, shown in the README's reference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 32
+    """LoRA rank r (Flow-GRPO SD3.5: 32)."""
+    alpha: int = 64
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """LoRA dropout. Keep 0: dropout would make the first inner step off-policy."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names (peft target_modules) that get adapters."""
+
+
+@dataclass
+class ModelConfig:
+    adapter: str = "sd3"
+    """Policy adapter (models.ADAPTERS): sd3."""
+    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"
+    """Hub id or local directory of the diffusers pipeline, loaded with from_pretrained."""
+    revision: Optional[str] = None
+    """Hub revision of `pretrained`."""
+    build_tiny_if_missing: bool = False
+    """Build a tiny pipeline (models.fixtures) at `pretrained` when that directory does not exist (CPU tests and tiny configs)."""
+    tiny_warm_start_steps: int = 400
+    """When building a tiny pipeline: flow-matching steps fitting its transformer to smooth synthetic latents (0 = random weights)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Dtype of the frozen weights and of autocast; log-prob math is always fp32."""
+    use_lora: bool = True
+    """Train LoRA adapters (true) or the full transformer (false)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (used when use_lora is true)."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer activations in the backward pass to save memory."""
+    max_sequence_length: int = 256
+    """Prompt length in tokens (SD3: T5 tokens; must match what the model was trained with). Qwen-Image-Edit ignores it, as its pipelines do."""

@@ -1,0 +1,91 @@
+"""Helpers the model-backed reward workers share: dtype names, batch sizes, images as PIL, and CLIP
+image features (PickScore, the CLIP-probe detector, the FIRM judges)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPModel, ProcessorMixin
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import ModelOutput
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config name ("fp32", "bf16", "fp16")."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_batch_size(batch_size: int) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return batch_size
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """[B, H, W, 3] uint8 -> B RGB PIL images.
+
+    PIL rather than raw arrays: image processors guess the channel axis of an array from its
+    shape, and a guess can go wrong on small images; a PIL image is unambiguous.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"reward images must be a uint8 [B, H, W, 3] array, got {images.dtype} {images.shape}")
+    return [Image.fromarray(image) for image in images]
+
+
+def fit_image(image: np.ndarray, max_side: int) -> Image.Image:
+    """A uint8 [H, W, 3] array as a PIL image whose longest side is at most max_side, aspect kept.
+
+    Judge cost grows with pixels (a 1024 x 1024 image is about 1024 tokens for Qwen3-VL), and a
+    judge grades content, not pixel-level detail, so images are capped before they are sent.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"judge images must be uint8 [H, W, 3] arrays, got {image.dtype} {image.shape}")
+    pil = Image.fromarray(image)
+    longest = max(pil.size)
+    if longest <= max_side:
+        return pil
+    scale = max_side / longest
+    size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    return pil.resize(size, Image.Resampling.BICUBIC)
+
+
+def projected(features: torch.Tensor | ModelOutput) -> torch.Tensor:
+    """The projected embedding from CLIPModel.get_{text,image}_features.
+
+    transformers 4 returns the projected tensor itself; transformers 5 returns a
+    BaseModelOutputWithPooling whose pooler_output holds the projection (not the raw pooled
+    hidden state, which a naive `.pooler_output` of the tower would give).
+    """
+    if isinstance(features, torch.Tensor):
+        return features
+    return features.pooler_output
+
+
+def load_clip(path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype) -> CLIPModel:
+    """A frozen CLIPModel in eval mode on device."""
+    model = CLIPModel.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def clip_image_features(
+    model: CLIPModel,
+    processor: ProcessorMixin | BaseImageProcessor,
+    images: list[Image.Image],
+    device: torch.device,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Projected CLIP image embeddings, L2-normalised unless told otherwise: [B, D] float32."""
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    features = projected(model.get_image_features(pixel_values=pixel_values.to(device, model.dtype))).float()
+    # Normalised in float32: in bf16 the norm alone carries a ~0.4% error.
+    return F.normalize(features, dim=-1) if normalize else features

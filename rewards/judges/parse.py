@@ -1,0 +1,287 @@
+"""Reading a judge's score: free replies parsed into 1..5 scores, and score distributions over
+1..5 (from next-token probabilities) reduced to an expectation and a variance. Pure: numpy and
+the standard library, no model and no HTTP, so the judge backends and workers share one reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "QUALITY_KEYS",
+    "SCORE_DIGITS",
+    "SCORE_VALUES",
+    "ScoreDistribution",
+    "distribution_from_logprobs",
+    "min_distribution",
+    "parse_score",
+    "parse_scores",
+    "score_moments",
+]
+
+SCORE_VALUES = np.arange(1, 6, dtype=np.float64)  # the judges' scale, 1..5
+SCORE_DIGITS = ("1", "2", "3", "4", "5")
+# The image-quality sub-scores a FIRM-Gen quality reply holds; parse_scores reads them by default.
+QUALITY_KEYS = ("aesthetics", "technical_quality", "structure_texture")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading scores out of replies
+# --------------------------------------------------------------------------------------------
+
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+_SCORE_WORD = r"(?:final[ _]|overall[ _])?(?:score|rating)"
+# "Score: 4", "rating = 3.5", "score is 4", "Score: 4/5", '"score": "4"', "**Rating:** 4".
+_KEYED_SCORE = re.compile(
+    rf"""\b{_SCORE_WORD}\b["']?\s*\**\s*(?:[:=]|\bis\b)\s*\**\s*["']?\s*({_NUMBER})(?:\s*/\s*(\d+))?""",
+    re.IGNORECASE,
+)
+_BOXED_SCORE = re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*(?:/\s*(\d+))?\s*\}}")
+# "4/5" or "4 out of 5" standing alone; the look-behind keeps "14/5" from reading as 4/5.
+_OUT_OF_FIVE = re.compile(rf"(?<![\w.]){_NUMBER}\s*(?:/|\bout\s+of\b)\s*5\b", re.IGNORECASE)
+_BARE_NUMBER = re.compile(rf"^\s*\**\s*({_NUMBER})\s*\**\s*\.?\s*$")
+_NUMBER_STRING = re.compile(rf"^\s*({_NUMBER})\s*(?:/\s*(\d+))?\s*$")
+# JSON keys that hold the verdict: "score", "rating", "final_score", "execution_score", ... and
+# the criterion names FIRM-style replies use as keys.
+_SCORE_KEYS_EXACT = ("score", "rating", "final_score", "overall_score", "final_rating", "overall_rating")
+_SCORE_KEYS_NAMED = ("execution", "consistency", "instruction_following", "overall")
+# Stems that identify the quality sub-scores in keys such as "technical quality" or "Structure/Texture".
+_QUALITY_STEMS: dict[str, tuple[str, ...]] = {
+    "aesthetics": ("aesthetic",),
+    "technical_quality": ("technical",),
+    "structure_texture": ("structure", "texture"),
+}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    position: int  # where in the reply the score was stated; the last one wins
+    value: float  # NaN when stated but unusable (another scale, not a number)
+
+
+def _in_scale(value: float) -> float:
+    return value if 1.0 <= value <= 5.0 else math.nan
+
+
+def _scaled(number: str, denominator: str | None) -> float:
+    """A stated score; "4/5" is 4, a score on another scale ("8/10") is unusable (NaN)."""
+    if denominator is not None and int(denominator) != 5:
+        return math.nan
+    return float(number)
+
+
+def _json_number(value: Any) -> float | None:
+    """A JSON value as a score: numbers and numeric strings ("4", "4/5"); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _NUMBER_STRING.match(value)
+        if match:
+            return _scaled(match.group(1), match.group(2))
+    return None
+
+
+def _normalise_key(key: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+
+
+def _json_objects(text: str) -> list[tuple[int, int, dict]]:
+    """Every top-level JSON object in the text as (start, end, object), fenced or not."""
+    decoder = json.JSONDecoder()
+    objects, index = [], text.find("{")
+    while index != -1:
+        try:
+            value, end = decoder.raw_decode(text, index)
+        except ValueError:
+            index = text.find("{", index + 1)
+            continue
+        if isinstance(value, dict):
+            objects.append((index, end, value))
+            index = text.find("{", end)
+        else:
+            index = text.find("{", index + 1)
+    return objects
+
+
+def _walk_dicts(obj: dict) -> list[dict]:
+    """The object and every object nested in it, outermost first."""
+    found, pending = [], [obj]
+    while pending:
+        current = pending.pop(0)
+        found.append(current)
+        pending.extend(value for value in current.values() if isinstance(value, dict))
+    return found
+
+
+def _json_score(obj: dict) -> float | None:
+    """The verdict held by a JSON object: an exact "score"/"rating" key first, else the last
+    criterion-named key ("execution_score", "consistency", ...); None when it holds none."""
+    for level in _walk_dicts(obj):
+        named: float | None = None
+        for key, value in level.items():
+            normalised, number = _normalise_key(str(key)), _json_number(value)
+            if number is None:
+                continue
+            if normalised in _SCORE_KEYS_EXACT:
+                return number
+            if normalised in _SCORE_KEYS_NAMED or normalised.endswith(("_score", "_rating")):
+                named = number
+        if named is not None:
+            return named
+    return None
+
+
+def _outside(position: int, spans: list[tuple[int, int]]) -> bool:
+    return not any(start <= position < end for start, end in spans)
+
+
+def parse_score(text: str) -> float:
+    """The 1..5 score a judge's reply states; NaN when it states none or one outside [1, 5].
+
+    Understood: a JSON object with a "score"/"rating"/criterion key (fenced in ```json or not,
+    with reasoning around it), a boxed score (\\boxed{4}), "rating: 4", "Score: 4/5",
+    "score = 3.5", "4 out of 5", and a reply that is just the number. When several scores are
+    stated, the last one wins: judges reason first and conclude last. Text inside a JSON object
+    that holds a score does not count, so a score quoted in its reasoning cannot override it.
+    A garbled reply is NaN, never 0.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return math.nan
+    bare = _BARE_NUMBER.match(text)
+    if bare:
+        return _in_scale(float(bare.group(1)))
+
+    candidates: list[_Candidate] = []
+    scored_spans: list[tuple[int, int]] = []
+    for start, end, obj in _json_objects(text):
+        value = _json_score(obj)
+        if value is not None:
+            candidates.append(_Candidate(start, value))
+            scored_spans.append((start, end))
+    for pattern in (_KEYED_SCORE, _BOXED_SCORE):
+        for match in pattern.finditer(text):
+            if _outside(match.start(), scored_spans):
+                candidates.append(_Candidate(match.start(), _scaled(match.group(1), match.group(2))))
+    for match in _OUT_OF_FIVE.finditer(text):
+        if _outside(match.start(), scored_spans):
+            candidates.append(_Candidate(match.start(), float(re.match(_NUMBER, match.group(0)).group(0))))
+    if not candidates:
+        return math.nan
+    # Overlapping forms ("Score: 4/5" is also "4/5") state the same number; max by position
+    # picks the last statement whichever form it took.
+    return _in_scale(max(candidates, key=lambda c: c.position).value)
+
+
+def _stem_pattern(stem: str) -> re.Pattern[str]:
+    # The stem, up to a few more key characters ("technical quality", "structure/texture"), a
+    # separator, the number.
+    return re.compile(
+        rf"""(?<![a-z]){stem}[a-z_ /&-]{{0,24}}?["']?\s*\**\s*[:=]\s*\**\s*["']?\s*({_NUMBER})(?:\s*/\s*(\d+))?""",
+        re.IGNORECASE,
+    )
+
+
+def parse_scores(text: str, keys: Sequence[str] = QUALITY_KEYS) -> list[float]:
+    """One 1..5 score per key (default: the quality sub-scores), NaN for each one the reply lacks.
+
+    Reads JSON objects ({"aesthetics": 4, "technical_quality": 3, ...}) and "Aesthetics: 4" lines;
+    keys match by stem, so "technical quality" or "Structure/Texture" count too. As in
+    parse_score, the last statement of each key wins and out-of-range values are NaN.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return [math.nan] * len(keys)
+    objects = _json_objects(text)
+    results = []
+    for key in keys:
+        stems = _QUALITY_STEMS.get(key, (_normalise_key(key),))
+        candidates: list[_Candidate] = []
+        scored_spans: list[tuple[int, int]] = []
+        for start, end, obj in objects:
+            for level in _walk_dicts(obj):
+                for name, value in level.items():
+                    number = _json_number(value)
+                    if number is not None and any(stem in _normalise_key(str(name)) for stem in stems):
+                        candidates.append(_Candidate(start, number))
+                        scored_spans.append((start, end))
+        for stem in stems:
+            for match in _stem_pattern(stem).finditer(text):
+                if _outside(match.start(), scored_spans):
+                    candidates.append(_Candidate(match.start(), _scaled(match.group(1), match.group(2))))
+        results.append(_in_scale(max(candidates, key=lambda c: c.position).value) if candidates else math.nan)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Score distributions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreDistribution:
+    """What one distribution-mode request returns."""
+
+    probs: np.ndarray  # [5] over scores 1..5, summing to 1; all NaN when the judge gave no score token
+    digit_mass: float  # probability on the five score tokens before renormalising (near 1 for a real judge)
+    reply: str  # what the judge produced, for the log
+
+
+def score_moments(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expected score and variance of distributions over 1..5: probs [N, 5] -> ([N], [N]).
+    NaN rows give NaN."""
+    probs = np.asarray(probs, dtype=np.float64)
+    mean = probs @ SCORE_VALUES
+    variance = (probs * (SCORE_VALUES[None, :] - mean[:, None]) ** 2).sum(axis=1)
+    return mean, variance
+
+
+def min_distribution(distributions: Sequence[np.ndarray]) -> np.ndarray:
+    """Distribution of the min of independent 1..5 scores: each [N, 5] -> [N, 5].
+
+    The quality component is the min of three sub-scores (QMA, REFERENCE.md section 3); taking
+    the distribution of the min, rather than the min of the expectations, keeps "reward =
+    expectation, uncertainty = variance" true of the quantity the reward is actually made of.
+    P(min >= k) is the product of the P(X_i >= k).
+    """
+    survival = np.ones_like(np.asarray(distributions[0], dtype=np.float64))
+    for probs in distributions:
+        # Column k: P(X >= k + 1), the reversed cumulative sum.
+        survival = survival * np.cumsum(np.asarray(probs, dtype=np.float64)[:, ::-1], axis=1)[:, ::-1]
+    return survival - np.concatenate([survival[:, 1:], np.zeros_like(survival[:, :1])], axis=1)
+
+
+def distribution_from_logprobs(content: Sequence[dict[str, Any]]) -> tuple[np.ndarray, float]:
+    """The score distribution in an OpenAI-style `choices[0].logprobs.content` list.
+
+    Reads the first position whose chosen token is not whitespace: a server whose chat template
+    trims the trailing space of a continued message makes the judge emit the space first. The
+    probabilities of the tokens "1".."5" among that position's top_logprobs (a token with
+    surrounding whitespace counts for its digit) are renormalised; digits outside the top list
+    count 0. Returns ([5] probabilities, their mass before renormalising); all NaN and 0 when no
+    score token is among them.
+    """
+    entry = next((item for item in content if str(item.get("token", "")).strip()), None)
+    mass = np.zeros(5, dtype=np.float64)
+    if entry is not None:
+        logprobs: dict[str, float] = {}
+        for top in entry.get("top_logprobs") or []:
+            logprobs.setdefault(str(top["token"]), float(top["logprob"]))
+        # The chosen token is normally among the top ones; count it once either way.
+        logprobs.setdefault(str(entry["token"]), float(entry["logprob"]))
+        for token, logprob in logprobs.items():
+            digit = token.strip()
+            if digit in SCORE_DIGITS:
+                mass[SCORE_DIGITS.index(digit)] += math.exp(logprob)
+    total = float(mass.sum())
+    if total <= 0.0:
+        return np.full(5, math.nan), 0.0
+    return mass / total, total
+

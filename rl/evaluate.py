@@ -1,0 +1,155 @@
+"""Held-out evaluation: deterministic ODE samples with the EMA weights swapped in, scored by every
+reward component; the paired change of each score since the evaluation before training, with its
+standard error over prompts; and the before/after grid of the same prompts and noise."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rl.data import Item
+from rl.rollout import SDESettings, rollout
+from rl.stats import nanmean, paired_change
+
+EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
+
+
+@contextmanager
+def ema_weights(ema, params: list[torch.nn.Parameter]):
+    """Within this context `params` hold the EMA's weights (no EMA: unchanged); restored after."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+class Evaluator:
+    """Evaluates the policy on `items` (each held-out prompt repeated samples_per_prompt times,
+    each repeat with its own noise); keeps the first evaluation in run_dir so a resumed run
+    still reports its change."""
+
+    def __init__(self, config, items: list[Item], *, policy, rewards, ranks, tracker, sources, ema, show: bool):
+        self.config, self.items = config, items
+        self.policy, self.rewards, self.ranks, self.tracker = policy, rewards, ranks, tracker
+        self.sources, self.ema, self.show = sources, ema, show
+        self.run_dir = Path(config.run_dir)
+
+    @property
+    def before_path(self) -> Path:
+        return self.run_dir / "eval_before.npz"
+
+    @property
+    def images_before_path(self) -> Path:
+        return self.run_dir / "images" / "eval_before.npz"
+
+    def forget_earlier_run(self) -> None:
+        """A new run never compares against an earlier run's baseline left in the same run_dir."""
+        self.before_path.unlink(missing_ok=True)
+
+    def __call__(self, epoch: int, reward_batch) -> dict[str, float]:
+        """ODE sampling with the EMA weights on the held-out prompts; the same noise every time.
+        `reward_batch(images, items, sources)` builds what the reward workers take."""
+        start = time.perf_counter()
+        config, ranks = self.config, self.ranks
+        indices = list(range(ranks.rank, len(self.items), ranks.world_size))
+        local_scores: dict[str, list[float]] = {c: [] for c in self.rewards.components}
+        local_reward: list[float] = []
+        images = items = None
+        if indices:
+            items = [self.items[i] for i in indices]
+            sources = self.sources(items)
+            ids = torch.tensor(indices)
+            with torch.no_grad(), ema_weights(self.ema, self.policy.trainable_parameters()):
+                cond = self.policy.encode([item.text for item in items], source_images=sources)
+                batch = rollout(
+                    self.policy, cond, torch.arange(len(indices)), ids, ids,
+                    seed=config.seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
+                    guidance_scale=config.eval.guidance_scale, resolution=config.sample.resolution,
+                    batch_size=config.eval.batch_size, sde=SDESettings(config.sde.dynamics, config.sde.noise_level),
+                    sde_steps=[], progress=self.show, desc="eval",
+                )
+            images = batch.images
+            scored = self.rewards.score(reward_batch(images, items, sources))
+            for c in local_scores:
+                local_scores[c] = scored.scores[c].tolist()
+            # Each held-out prompt is its own group: no group normalisation here.
+            local_reward = self.rewards.trained_reward(scored.scores, group_normalize=False).tolist()
+        # Every rank's samples, back in eval-item order (the order is the pairing across evaluations).
+        order = np.argsort(np.array(ranks.gather_list(indices), dtype=np.int64), kind="stable")
+        per_sample = {f"eval/{c}": np.array(ranks.gather_list(values), dtype=np.float64)[order] for c, values in local_scores.items()}
+        per_sample["eval/reward"] = np.array(ranks.gather_list(local_reward), dtype=np.float64)[order]
+        metrics = {key: nanmean(values) for key, values in per_sample.items()}
+        metrics.update(self.change(epoch, per_sample))
+        metrics["time/eval_s"] = time.perf_counter() - start
+        if images is not None and ranks.accelerator.is_main_process:
+            shown = images[:: config.eval.samples_per_prompt][:16].numpy()  # one sample per prompt
+            captions = [item.text for item in items[:: config.eval.samples_per_prompt][:16]]
+            self.tracker.log_images("eval/images", shown, captions, epoch)
+            self.before_after(epoch, shown, captions)
+        return metrics
+
+    def change(self, epoch: int, per_sample: dict[str, np.ndarray]) -> dict[str, float]:
+        """Keep the per-sample scores of the evaluation before training (run_dir/eval_before.npz,
+        so a resumed run has them); at a later evaluation, the paired change of each metric since
+        then and its standard error over prompts (rl.stats.paired_change), as `<metric>/change`
+        and `<metric>/change_se`."""
+        path = self.before_path
+        if epoch == 0:
+            if self.ranks.accelerator.is_main_process:
+                np.savez(path, **{key.replace("/", "|"): values for key, values in per_sample.items()})
+            return {}
+        if not path.exists():
+            return {}
+        before = {key.replace("|", "/"): values for key, values in np.load(path).items()}
+        prompts = np.arange(len(self.items)) // self.config.eval.samples_per_prompt
+        out = {}
+        for key, values in per_sample.items():
+            if key in before and before[key].shape == values.shape:
+                out[f"{key}/change"], out[f"{key}/change_se"] = paired_change(before[key], values, prompts)
+        return out
+
+    def before_after(self, epoch: int, images: np.ndarray, captions: list[str]) -> None:
+        """Keep the first evaluation's images (run_dir/images/eval_before.npz, so a resumed run
+        has them too); at the end of training, write them above the final ones as
+        run_dir/before_after.png (and log it), same prompts and same noise in each column."""
+        path = self.images_before_path
+        if epoch == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, images=images)
+        elif epoch == self.config.num_epochs and path.exists():
+            before = np.load(path)["images"]
+            count = min(len(before), len(images))
+            self.tracker.log_before_after(before[:count], images[:count], captions[:count], epoch)
+
+    def print_change(self) -> None:
+        """Print every evaluation metric before training (epoch 0) and at the end, from metrics.jsonl."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        evals = [row for row in rows if "eval/reward" in row]
+        if len(evals) < 2 or evals[0]["epoch"] != 0:
+            return
+        first, last = evals[0], evals[-1]
+        num_prompts = len(self.items) // self.config.eval.samples_per_prompt
+        lines = [f"held-out evaluation ({num_prompts} prompts x {self.config.eval.samples_per_prompt} samples, "
+                 f"epoch 0 -> epoch {last['epoch']}):"]
+        for key in first:
+            if key.startswith("eval/") and first[key] is not None and last.get(key) is not None:
+                line = f"  {key}: {first[key]:.4f} -> {last[key]:.4f} ({last[key] - first[key]:+.4f}"
+                se = last.get(f"{key}/change_se")
+                lines.append(line + (f" +- {se:.4f})" if se is not None else ")"))
+        if any(f"{key}/change_se" in last for key in first):
+            lines.append("  (+- is the standard error of the change over the held-out prompts, same noise before and after;\n"
+                         "   a change within about two of them could be sampling noise: raise eval.num_prompts or eval.samples_per_prompt)")
+        print("\n".join(lines), flush=True)
