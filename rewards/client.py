@@ -8,6 +8,10 @@ go round robin over the servers; a failing server (connection error, timeout, 5x
 to the next one, with exponential backoff between rounds over all of them. A 4xx answer means the
 request itself is wrong (token, limits), so it is raised at once with the server's message. When
 every attempt fails, the call raises: a missing reward is never turned into a zero.
+
+`timeout_s` bounds each attempt as a whole (connect, send, and the whole answer), not each read:
+httpx's timeouts are per socket operation, so a server that trickles a byte a second would
+otherwise hold a call forever. _DeadlineBackend, below, is the hand-written part that adds it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ import itertools
 import json
 import math
 import os
+import socket
 import threading
 import time
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import httpcore
 import httpx
 import numpy as np
 
@@ -33,7 +42,8 @@ class RemoteReward:
 
     Args:
         urls: base URL(s) of reward servers serving the same reward, e.g. "http://127.0.0.1:8123".
-        timeout_s: per-request timeout (connect, and each read of the answer).
+        timeout_s: limit in seconds on each attempt as a whole: connect, send the batch, and
+            receive the whole answer.
         retries: attempts per server per call: each call makes up to `retries` rounds over all
             servers, sleeping backoff_s, 2 * backoff_s, 4 * backoff_s, ... between rounds.
         backoff_s: the first sleep between rounds.
@@ -65,7 +75,9 @@ class RemoteReward:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # trust_env=False: an HTTP(S)_PROXY set for model downloads must not relay the images and
         # the bearer token, nor break loopback traffic.
-        self._http = httpx.Client(headers=headers, timeout=timeout_s, trust_env=False)
+        self.timeout_s = timeout_s
+        self._backend = _DeadlineBackend()
+        self._http = httpx.Client(headers=headers, timeout=timeout_s, trust_env=False, transport=_deadline_transport(self._backend))
         self._round_robin = itertools.count()
         self._round_robin_lock = threading.Lock()
 
@@ -94,6 +106,9 @@ class RemoteReward:
         return self._decode_output(answer, url, len(batch))
 
     def close(self) -> None:
+        """Release the connections. Safe from another thread while a call is in flight: that
+        call fails at once (its sockets are shut down) instead of running out its timeout."""
+        self._backend.abort()
         self._http.close()
 
     def __enter__(self) -> RemoteReward:
@@ -107,15 +122,19 @@ class RemoteReward:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         attempts, last_error = 0, "no attempt made"
         for round_index in range(self.retries):
-            if round_index:
-                time.sleep(self.backoff_s * 2 ** (round_index - 1))
+            if round_index:  # a wait that close() cuts short
+                self._backend.closed.wait(self.backoff_s * 2 ** (round_index - 1))
             for offset in range(len(self.urls)):
                 url = self.urls[(start + offset) % len(self.urls)]
+                if self._backend.closed.is_set():
+                    raise RuntimeError(f"reward client for {url} was closed during the {what}")
                 attempts += 1
                 try:
-                    response = self._http.request(method, url + path, content=body, headers=headers)
+                    with self._backend.deadline(self.timeout_s):
+                        response = self._http.request(method, url + path, content=body, headers=headers)
                 except httpx.TransportError as err:  # refused, reset, timed out: try the next server
-                    last_error = f"{url}: {type(err).__name__}: {err}"
+                    limit = f" (timeout_s={self.timeout_s:g} s for the whole attempt)" if isinstance(err, httpx.TimeoutException) else ""
+                    last_error = f"{url}: {type(err).__name__}: {err}{limit}"
                     continue
                 if response.status_code >= 500:  # the server or its worker failed: may pass
                     last_error = f"{url}: HTTP {response.status_code}: {_server_message(response)}"
@@ -134,7 +153,8 @@ class RemoteReward:
         raise RuntimeError(f"{servers} unreachable after {attempts} attempts ({what}); last error: {last_error}")
 
     def _decode_output(self, answer: Any, url: str, count: int) -> RewardOutput:
-        """null scores become NaN (missing), never 0."""
+        """null scores become NaN (missing), never 0; anything else that is not a JSON number
+        (a string, a boolean, a list) is an error, not a score read by float()."""
         if not isinstance(answer, dict) or not isinstance(answer.get("scores"), dict):
             raise RuntimeError(f"reward server {url} answered without scores: {str(answer)[:500]}")
         if set(answer["scores"]) != set(self.components):
@@ -146,15 +166,28 @@ class RemoteReward:
         def per_sample(values: Any, what: str) -> np.ndarray:
             if not isinstance(values, list) or len(values) != count:
                 raise RuntimeError(f"reward server {url} returned {what} that is not a list of {count} values")
-            return np.array([math.nan if value is None else float(value) for value in values], dtype=np.float64)
+            return np.array([_number(value, url, f"{what}[{index}]") for index, value in enumerate(values)], dtype=np.float64)
 
         return RewardOutput(
             scores={key: per_sample(values, f"scores[{key!r}]") for key, values in answer["scores"].items()},
             uncertainty={
                 key: per_sample(values, f"uncertainty[{key!r}]") for key, values in (answer.get("uncertainty") or {}).items()
             },
-            extras={key: math.nan if value is None else float(value) for key, value in (answer.get("extras") or {}).items()},
+            extras={key: _number(value, url, f"extras[{key!r}]") for key, value in (answer.get("extras") or {}).items()},
         )
+
+
+def _number(value: Any, url: str, what: str) -> float:
+    """A JSON number as a float, null as NaN (missing). Infinity and NaN, which Python's json
+    accepts, stay floats here; the reward runner counts them as missing."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RuntimeError(
+            f"reward server {url} returned {what} = {value!r} ({type(value).__name__}), not a number: "
+            "scores must be JSON numbers, or null when missing"
+        )
+    return float(value)
 
 
 def _encode_batch(batch: RewardBatch) -> bytes:
@@ -183,3 +216,118 @@ def _server_message(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         detail = None
     return str(detail) if detail is not None else response.text[:500]
+
+
+# ------------------------------------------------------------------ the total deadline
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend with a per-thread deadline on every socket operation.
+
+    Inside `deadline(seconds)`, each connect, read and write waits at most until the deadline,
+    so the attempt as a whole is bounded however slowly the server trickles its answer. Other
+    threads sharing the client keep their own deadlines. `abort()` (from close()) shuts down
+    every socket the backend opened, which wakes a read blocked in another thread.
+    """
+
+    def __init__(self) -> None:
+        self._sockets_backend = httpcore.SyncBackend()
+        self._local = threading.local()
+        self._streams: weakref.WeakSet[_DeadlineStream] = weakref.WeakSet()
+        self._streams_lock = threading.Lock()
+        self.closed = threading.Event()
+
+    @contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        self._local.deadline = (time.monotonic() + seconds, seconds)
+        try:
+            yield
+        finally:
+            self._local.deadline = None
+
+    def wait_limit(self, timeout: float | None, error: type[Exception]) -> float | None:
+        """The per-operation timeout, cut to what is left before this thread's deadline."""
+        if self.closed.is_set():
+            raise error("the reward client was closed")
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:
+            return timeout
+        end, seconds = deadline
+        left = end - time.monotonic()
+        if left <= 0:  # 0 would make the socket non-blocking, not time out
+            raise error(f"no complete answer within {seconds:g} s")
+        return left if timeout is None else min(timeout, left)
+
+    def track(self, stream: httpcore.NetworkStream) -> _DeadlineStream:
+        wrapped = _DeadlineStream(stream, self)
+        with self._streams_lock:
+            self._streams.add(wrapped)
+        return wrapped
+
+    def abort(self) -> None:
+        self.closed.set()
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            sock = stream.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed or never connected
+                    pass
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        limit = self.wait_limit(timeout, httpcore.ConnectTimeout)
+        return self.track(self._sockets_backend.connect_tcp(host, port, limit, local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        limit = self.wait_limit(timeout, httpcore.ConnectTimeout)
+        return self.track(self._sockets_backend.connect_unix_socket(path, limit, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._sockets_backend.sleep(seconds)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, backend: _DeadlineBackend):
+        self._stream, self._backend = stream, backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._backend.wait_limit(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._backend.wait_limit(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> httpcore.NetworkStream:
+        limit = self._backend.wait_limit(timeout, httpcore.ConnectTimeout)
+        return self._backend.track(self._stream.start_tls(ssl_context, server_hostname, limit))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+def _deadline_transport(backend: _DeadlineBackend) -> httpx.HTTPTransport:
+    """httpx's own transport (its exception mapping, response streams) over a connection pool
+    that uses `backend`. httpx takes no network backend argument, so the pool is swapped in."""
+    transport = httpx.HTTPTransport(trust_env=False)
+    if not isinstance(getattr(transport, "_pool", None), httpcore.ConnectionPool):
+        raise RuntimeError(f"httpx {httpx.__version__} no longer keeps an httpcore pool in HTTPTransport._pool; update rewards/client.py")
+    transport._pool.close()
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0,  # httpx's defaults
+        network_backend=backend,
+    )
+    return transport

@@ -1,7 +1,8 @@
 """The run configuration: a typed schema (dataclasses, one docstring per field), YAML experiment
 files validated against it, and dotted command-line overrides.
 
-    python -m rl.config            prints the reference of every field (also in the README)
+    python -m rl.config                   prints the reference of every field
+    python -m rl.config --write-readme    writes it into README.md's "Configuration reference"
 
 Validation raises ConfigError naming the key and its source before any model is loaded; it never
 silently fixes a value.
@@ -128,6 +129,8 @@ class TrainConfig:
     """EMA decay per EMA update."""
     ema_every: int = 8
     """Optimizer steps between EMA updates."""
+    max_nonfinite_steps: int = 3
+    """Optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops with an error."""
 
 
 @dataclass
@@ -161,7 +164,7 @@ class LogConfig:
     save_every: int = 10
     """Checkpoint every this many epochs (the end of a run always saves)."""
     keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep on disk."""
+    """How many of this run's newest checkpoints to keep on disk (at least 1; the one just written is never deleted)."""
     progress: bool = True
     """Show progress bars on the main process."""
     save_samples: bool = False
@@ -171,13 +174,15 @@ class LogConfig:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
-    """Directory for metrics.jsonl, checkpoints, images and W&B files."""
+    """Directory for metrics.jsonl, checkpoints, images and W&B files; one run at a time. `{wandb_run_id}` in it becomes the W&B run id (sweeps)."""
     num_epochs: int = 100
     """Epochs (rollout + update) to train in total; raise it when resuming to train longer."""
     seed: int = 0
     """Seed of prompt draws, noise and SDE windows (results do not depend on the number of ranks)."""
     resume: Optional[str] = None
-    """Run directory to continue from its last checkpoint."""
+    """Run directory to continue from its newest intact checkpoint (only keys listed in rl.rundir.SAFE_TO_CHANGE may differ from the run's config)."""
+    overwrite: bool = False
+    """Start a new run in a run_dir that holds another run's checkpoints; the earlier run's files move to run_dir/previous/<time>/, nothing is deleted."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -354,7 +359,8 @@ def validate(config: RunConfig) -> None:
         ("sample.batch_size", s.batch_size), ("sample.num_steps", s.num_steps),
         ("train.batch_size", t.batch_size), ("train.num_minibatches", t.num_minibatches),
         ("train.inner_epochs", t.inner_epochs), ("num_epochs", config.num_epochs),
-        ("eval.samples_per_prompt", config.eval.samples_per_prompt),
+        ("eval.samples_per_prompt", config.eval.samples_per_prompt), ("log.keep_checkpoints", config.log.keep_checkpoints),
+        ("train.ema_every", config.train.ema_every), ("train.max_nonfinite_steps", config.train.max_nonfinite_steps),
     ]:
         if value < 1:
             raise ConfigError(f"`{name}` must be >= 1, got {value}")
@@ -421,5 +427,20 @@ def reference(cls: type = RunConfig, prefix: str = "") -> list[str]:
     return lines
 
 
+def write_reference(readme: Path) -> None:
+    """Replace the reference list under the README's "## Configuration reference" heading."""
+    lines = readme.read_text().split("\n")
+    start = lines.index("## Configuration reference")
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("- `"))
+    last = first
+    while last < len(lines) and lines[last].startswith("- `"):
+        last += 1
+    lines[first:last] = reference()
+    readme.write_text("\n".join(lines))
+
+
 if __name__ == "__main__":
-    sys.stdout.write("\n".join(reference()) + "\n")
+    if sys.argv[1:2] == ["--write-readme"]:
+        write_reference(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        sys.stdout.write("\n".join(reference()) + "\n")

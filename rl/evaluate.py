@@ -131,6 +131,18 @@ class Evaluator:
             count = min(len(before), len(images))
             self.tracker.log_before_after(before[:count], images[:count], captions[:count], epoch)
 
+    def weights_used(self) -> str:
+        """Which weights the evaluations sampled with, and a warning when that was the EMA and it never moved."""
+        t = self.config.train
+        if self.ema is None:
+            return "weights evaluated: the trained weights (train.ema is false)"
+        line = (f"weights evaluated: the EMA of the trained weights (decay {t.ema_decay}, updated every {t.ema_every} "
+                f"optimizer steps: {self.ema.optimization_step} updates)")
+        if self.ema.optimization_step == 0:
+            line += ("\n  warning: the EMA was never updated, so the evaluation after training sampled the initial weights; "
+                     "lower train.ema_every or train longer")
+        return line
+
     def print_change(self) -> None:
         """Print every evaluation metric before training (epoch 0) and at the end, from metrics.jsonl."""
         path = self.run_dir / "metrics.jsonl"
@@ -149,6 +161,7 @@ class Evaluator:
                 line = f"  {key}: {first[key]:.4f} -> {last[key]:.4f} ({last[key] - first[key]:+.4f}"
                 se = last.get(f"{key}/change_se")
                 lines.append(line + (f" +- {se:.4f})" if se is not None else ")"))
+        lines.append("  " + self.weights_used())
         if any(f"{key}/change_se" in last for key in first):
             lines.append("  (+- is the standard error of the change over the held-out prompts, same noise before and after;\n"
                          "   a change within about two of them could be sampling noise: raise eval.num_prompts or eval.samples_per_prompt)")

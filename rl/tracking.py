@@ -69,7 +69,14 @@ class Tracker:
         """On resume, drop lines logged after the checkpoint so epochs are not listed twice."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill mid-write: its epoch is logged again
+            if isinstance(row, dict) and row.get("epoch", epoch + 1) <= epoch:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict, epoch: int) -> None:

@@ -101,6 +101,29 @@ def reward_batch(images: torch.Tensor, items: list[Item], sources: list[np.ndarr
     )
 
 
+class NonFiniteError(RuntimeError):
+    """The update produced non-finite values that must not reach the weights; the run stops."""
+
+
+class NonFiniteRun:
+    """Counts optimizer steps skipped in a row for a non-finite loss or gradient norm."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def skip(self, global_step: int) -> None:
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"{self.in_a_row} optimizer steps in a row after step {global_step} had a non-finite loss or gradient norm "
+                f"and were skipped (train.max_nonfinite_steps = {self.limit}); the weights were left as they were. "
+                "Lower train.learning_rate, or look for a reward or model output that is not finite"
+            )
+
+    def reset(self) -> None:
+        self.in_a_row = 0
+
+
 def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
     """Indices of the trained samples among rows first..first+size: samples of dropped groups
     (zero advantage, zero weight) add nothing to the loss, so their forward and backward passes
@@ -111,7 +134,7 @@ def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, run_id: str | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
         from diffusers.optimization import get_scheduler
@@ -123,6 +146,7 @@ class Trainer:
         from rl.ranks import Ranks
 
         self.config = config
+        self.run_id = run_id  # rl.rundir's id of this run: pruning only touches its own checkpoints
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.layout = EpochLayout.build(config, world_size)
         # Data files are checked before any model loads (reward models included).
@@ -168,13 +192,13 @@ class Trainer:
         total_steps = config.num_epochs * t.inner_epochs * t.num_minibatches
         # Stepped by hand once per optimizer step: a prepared scheduler would step once per rank.
         self.scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
-        acc.register_for_checkpointing(self.scheduler)
         self.ema = None
         if t.ema:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.policy.trainable_parameters(), decay=t.ema_decay)
-            acc.register_for_checkpointing(self.ema)
+        # The schedule and the EMA are saved by rl.checkpoint as JSON and safetensors, not
+        # registered with accelerate (which would pickle them and unpickle them on resume).
         checkpoint.register_hooks(acc)
         self.checkpoint = checkpoint
 
@@ -182,7 +206,9 @@ class Trainer:
         self.start_epoch, self.start_step = 1, 0  # first epoch to run, optimizer steps taken before it
         resume_epoch = None
         if config.resume:
-            state = checkpoint.load_checkpoint(acc, self.policy, config.resume)
+            state, path, skipped = checkpoint.load_checkpoint(acc, self.policy, config.resume, scheduler=self.scheduler, ema=self.ema)
+            for line in skipped:
+                acc.print(f"trustgrpo: resume passes over a broken checkpoint: {line}")
             self.start_epoch, self.start_step = state["epoch"] + 1, state["global_step"]
             resume_epoch = state["epoch"]
         from rl.tracking import NullTracker, Tracker
@@ -193,6 +219,7 @@ class Trainer:
             else NullTracker()
         )
         self.sde = SDESettings(config.sde.dynamics, config.sde.noise_level)
+        self.nonfinite_run = NonFiniteRun(config.train.max_nonfinite_steps)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self.show = config.log.progress and acc.is_main_process
         self.evaluator = Evaluator(
@@ -291,6 +318,10 @@ class Trainer:
         pending: list[Future] = []
 
         def score_async(first: int, images: torch.Tensor) -> None:
+            failed = next((job for job in pending if job.done() and job.exception() is not None), None)
+            if failed is not None:  # a reward already failed: stop sampling now, not after the rollout
+                self._abandon_rewards(pending)
+                raise failed.exception()
             picked = [int(r) for r in rows[first : first + len(images)]]
             batch = reward_batch(images, [items[r] for r in picked], [sources[r] for r in picked] if sources is not None else None)
             pending.append(self.executor.submit(self.rewards.score, batch))
@@ -311,7 +342,11 @@ class Trainer:
         from rewards.runner import is_count
 
         start = time.perf_counter()
-        parts = [job.result() for job in sampled.pending]
+        try:
+            parts = [job.result() for job in sampled.pending]
+        except Exception:
+            self._abandon_rewards(sampled.pending)
+            raise
         metrics = {"time/reward_wait_s": time.perf_counter() - start}
         components = self.rewards.components
         scores = {c: np.concatenate([p.scores[c] for p in parts]) for c in components}
@@ -326,6 +361,14 @@ class Trainer:
             metrics[f"time/reward/{name}_s"] = self.ranks.sum(sum(p.seconds[name] for p in parts))
         metrics["time/reward_s"] = self.ranks.sum(sum(sum(p.seconds.values()) for p in parts))
         return Rewards(scores, uncertainty, metrics)
+
+    def _abandon_rewards(self, pending: list[Future]) -> None:
+        """A reward failed and the run stops: queued reward calls are cancelled, not sent, and
+        the workers are closed (a remote call in flight fails at once)."""
+        for job in pending:
+            job.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.rewards.close()
 
     def advantages(self, epoch: int, drawn: Drawn, sampled: Sampled, rewards: Rewards) -> Advantages:
         """Gather every rank's rewards and group ids, normalise per group, keep this rank's slice."""
@@ -386,7 +429,7 @@ class Trainer:
         # Global trained count of each minibatch, from the gathered mask: every rank knows it.
         counts = adv.all_trained.view(W, layout.num_minibatches, m).sum(dim=(0, 2))
         sums = {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
-        terms, ratio_err, grad_norms, first_update_done = 0, 0.0, [], False
+        terms, ratio_err, grad_norms, first_update_done, skipped = 0, 0.0, [], False, 0
         params = self.policy.trainable_parameters()
         progress = tqdm(total=t.inner_epochs * layout.num_minibatches, desc="train", disable=not self.show, leave=False)
         for inner in range(t.inner_epochs):
@@ -409,18 +452,31 @@ class Trainer:
                             for key in sums:
                                 sums[key] += float(out[key])
                             terms += 1
+                            finite = True
                             if acc.sync_gradients and not self.deepspeed:
-                                grad_norms.append(float(acc.clip_grad_norm_(params, t.max_grad_norm)))
-                            self.optimizer.step()
+                                # The norm of the gradients all ranks share (DDP has reduced them):
+                                # every rank takes the same decision.
+                                norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
+                                finite = math.isfinite(norm)
+                                if finite:
+                                    grad_norms.append(norm)
+                            if finite:
+                                self.optimizer.step()
                             self.optimizer.zero_grad(set_to_none=True)
                         if acc.sync_gradients:
                             first_update_done = True
+                            if not finite:
+                                skipped += 1
+                                self.nonfinite_run.skip(global_step)
+                                continue
+                            self.nonfinite_run.reset()
                             global_step += 1
                             self._after_optimizer_step(global_step, grad_norms)
         progress.close()
         self.policy.transformer.eval()
         metrics = {f"train/{key}": self.ranks.mean(total / max(terms, 1)) for key, total in sums.items()}
         metrics["train/onpolicy_ratio_err"] = self.ranks.max(ratio_err)
+        metrics["train/nonfinite_skipped_steps"] = skipped
         metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         metrics["train/global_step"] = global_step
@@ -476,20 +532,32 @@ class Trainer:
         return out
 
     def _after_optimizer_step(self, global_step: int, grad_norms: list[float]) -> None:
-        """The learning-rate schedule steps once per optimizer step; the EMA every train.ema_every."""
+        """The learning-rate schedule steps once per optimizer step; the EMA every train.ema_every.
+        Weights that the step made non-finite stop the run here, before anything saves them."""
         self.scheduler.step()
         if self.deepspeed:
             norm = self.policy.transformer.get_global_grad_norm()
             if norm is not None:
                 grad_norms.append(float(norm))
+        params = self.policy.trainable_parameters()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFiniteError(
+                f"optimizer step {global_step} made trainable weights non-finite (lower train.learning_rate or "
+                "train.max_grad_norm); nothing was saved after it, the last checkpoint is intact"
+            )
         if self.ema is not None and global_step % self.config.train.ema_every == 0:
-            self.ema.step(self.policy.trainable_parameters())
+            self.ema.step(params)
 
     # ------------------------------------------------------------------ checkpoints and the summary line
 
     def save(self, epoch: int, global_step: int) -> None:
-        state = {"epoch": epoch, "global_step": global_step, "seed": self.config.seed}
-        path = self.checkpoint.save_checkpoint(self.accelerator, self.policy, self.config.run_dir, state, keep=self.config.log.keep_checkpoints)
+        if self.ema is not None and not all(bool(torch.isfinite(p).all()) for p in self.ema.shadow_params):
+            raise NonFiniteError(f"the EMA weights are not finite at epoch {epoch}; not saved, the last checkpoint is intact")
+        state = {"epoch": epoch, "global_step": global_step, "seed": self.config.seed, "run_id": self.run_id}
+        path = self.checkpoint.save_checkpoint(
+            self.accelerator, self.policy, self.config.run_dir, state, keep=self.config.log.keep_checkpoints,
+            scheduler=self.scheduler, ema=self.ema,
+        )
         self.accelerator.print(f"trustgrpo: saved {path}")
 
     def summary(self, epoch: int, metrics: dict) -> str:
@@ -511,25 +579,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML experiment file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.group_size=8 train.beta=0")
     args = parser.parse_args(argv)
+    from rl import rundir
+
     try:
         config = load_config(args.config, args.overrides)
         if config.resume:
             config.run_dir = config.resume
+        config.run_dir = rundir.resolve_run_dir(config.run_dir)
         EpochLayout.build(config, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as err:
+    except (ConfigError, rundir.RunDirError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    # The main process owns the run_dir: its lock, the new-run and resume checks, run.json.
+    lock, run_id = None, None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            run_id, lock = rundir.prepare(to_dict(config), run_dir=config.run_dir, resume=bool(config.resume), overwrite=config.overwrite)
+        except rundir.RunDirError as err:
+            print(f"run_dir error: {err}", file=sys.stderr)
+            return 2
     try:
-        trainer = Trainer(config)
-    except DataError as err:
-        # Raised while reading the data files, before any model loads.
-        print(f"data error: {err}", file=sys.stderr)
-        return 2
-    except ConfigError as err:
-        # What only the launch reveals (a DeepSpeed config at odds with the run config).
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    trainer.run()
+        return _train(config, run_id)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: RunConfig, run_id: str | None) -> int:
+    """Build the trainer and run it; an error a user can act on ends in one line and an exit code
+    of its kind (2: bad input, found before training; 3: non-finite values; 4: a reward failed)."""
+    from rewards.runner import RewardError
+    from rl.checkpoint import CheckpointError
+
+    stops = {
+        DataError: ("data error", 2),  # data files, read before any model loads
+        ConfigError: ("config error", 2),  # what only the launch reveals (a DeepSpeed config at odds with the run)
+        CheckpointError: ("checkpoint error", 2),
+        NonFiniteError: ("stopped", 3),
+        RewardError: ("reward error", 4),
+    }
+    try:
+        Trainer(config, run_id).run()
+    except tuple(stops) as err:
+        label, code = next(stop for kind, stop in stops.items() if isinstance(err, kind))
+        print(f"{label}: {err}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -139,3 +139,19 @@ def test_trainer_phases_hand_data_on_by_return_value():
     assert attributes_set_outside_construction("class T:\n def run(self):\n  self.cond = 1\n", "T") == ["run: self.cond"]
     found = attributes_set_outside_construction((ROOT / "rl" / "train.py").read_text(), "Trainer")
     assert not found, "Trainer state written outside construction:\n" + "\n".join(found)
+
+
+def test_a_folder_shadowing_models_or_rewards_stops_the_trainer_with_a_message(tmp_path):
+    """Run from a folder with its own models/ package: rl.train stops and names the folder."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.train", str(ROOT / "configs" / "tiny_cpu.yaml")], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"finds {tmp_path / 'models'}" in result.stderr and "shadows it" in result.stderr, result.stderr[-2000:]

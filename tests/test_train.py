@@ -142,9 +142,9 @@ def test_two_ranks_match_one_rank(tiny_sd3, tmp_path):
         np.testing.assert_allclose(kept_two[key], kept_one[key], atol=1e-9)
     last_one, last_two = read_metrics(one)[-1], read_metrics(two)[-1]
     assert last_two["eval/reward/change_se"] == pytest.approx(last_one["eval/reward/change_se"], abs=1e-9)
-    # A new run in the same run_dir without an evaluation before training reports no change:
-    # the kept scores belonged to the earlier run.
-    run_cli([*common, "eval.before_training=false", "num_epochs=1"] + tiny_overrides(tiny_sd3, one))
+    # A new run in the same run_dir (overwrite=true) without an evaluation before training
+    # reports no change: the kept scores belonged to the earlier run.
+    run_cli([*common, "eval.before_training=false", "num_epochs=1", "overwrite=true"] + tiny_overrides(tiny_sd3, one))
     assert not (one / "eval_before.npz").exists()
     assert "eval/reward/change" not in read_metrics(one)[-1]
     lora_one, lora_two = lora_weights(one), lora_weights(two)

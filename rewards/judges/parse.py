@@ -38,19 +38,32 @@ QUALITY_KEYS = ("aesthetics", "technical_quality", "structure_texture")
 
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 _SCORE_WORD = r"(?:final[ _]|overall[ _])?(?:score|rating)"
-# "Score: 4", "rating = 3.5", "score is 4", "Score: 4/5", '"score": "4"', "**Rating:** 4".
+# A scale stated after the key, as UnifiedReward writes it: "Alignment Score (1-5): 3.62".
+_SCALE = r"(?:\s*\(\s*\d+\s*(?:-|\u2013|to)\s*(?P<scale>\d+)\s*\))?"
+# The number after a key's separator: '4', '"4"', '4/5', '4 out of 5', '**4**', and '[4]' (a
+# one-element list, FIRM's own JSON form, read here when the JSON around it is malformed).
+_STATED_NUMBER = (
+    rf"""\s*\**\s*(?P<open>\[\s*)?["']?\s*(?P<value>{_NUMBER})"""
+    r"""(?:\s*(?:/|\bout\s+of\b)\s*(?P<denominator>\d+))?["']?(?(open)\s*\])"""
+)
+# "Score: 4", "rating = 3.5", "score is 4", "Score: 4/5", '"score": "4"', "**Rating:** 4",
+# "Final Score (1-5): 4".
 _KEYED_SCORE = re.compile(
-    rf"""\b{_SCORE_WORD}\b["']?\s*\**\s*(?:[:=]|\bis\b)\s*\**\s*["']?\s*({_NUMBER})(?:\s*/\s*(\d+))?""",
+    rf"""\b{_SCORE_WORD}\b{_SCALE}["']?\s*\**\s*(?:[:=]|\bis\b){_STATED_NUMBER}""",
     re.IGNORECASE,
 )
-_BOXED_SCORE = re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*(?:/\s*(\d+))?\s*\}}")
-# "4/5" or "4 out of 5" standing alone; the look-behind keeps "14/5" from reading as 4/5.
-_OUT_OF_FIVE = re.compile(rf"(?<![\w.]){_NUMBER}\s*(?:/|\bout\s+of\b)\s*5\b", re.IGNORECASE)
-_BARE_NUMBER = re.compile(rf"^\s*\**\s*({_NUMBER})\s*\**\s*\.?\s*$")
-_NUMBER_STRING = re.compile(rf"^\s*({_NUMBER})\s*(?:/\s*(\d+))?\s*$")
+_BOXED_SCORE = re.compile(rf"\\boxed\{{\s*(?P<value>{_NUMBER})\s*(?:/\s*(?P<denominator>\d+))?\s*\}}")
+# "4/5" or "4 out of 5" standing alone; the look-behind keeps "14/5" from reading as 4/5, and
+# the look-ahead keeps a count ("3 out of 5 cats") from reading as a score.
+_OUT_OF_FIVE = re.compile(
+    rf"(?<![\w.])(?P<value>{_NUMBER})\s*(?:/|\bout\s+of\b)\s*5\b(?!\s*(?!(?:stars?|points?|for)\b)[a-z])",
+    re.IGNORECASE,
+)
+_BARE_NUMBER = re.compile(rf"""^\s*[*"']*\s*({_NUMBER})\s*[*"']*\s*\.?\s*$""")
+_NUMBER_STRING = re.compile(rf"^\s*({_NUMBER})\s*(?:(?:/|\bout\s+of\b)\s*(\d+))?\s*$", re.IGNORECASE)
 # JSON keys that hold the verdict: "score", "rating", "final_score", "execution_score", ... and
 # the criterion names FIRM-style replies use as keys.
-_SCORE_KEYS_EXACT = ("score", "rating", "final_score", "overall_score", "final_rating", "overall_rating")
+_SCORE_KEYS_EXACT = ("score", "rating", "final_score", "overall_score", "final_rating", "overall_rating", "scores")
 _SCORE_KEYS_NAMED = ("execution", "consistency", "instruction_following", "overall")
 # Stems that identify the quality sub-scores in keys such as "technical quality" or "Structure/Texture".
 _QUALITY_STEMS: dict[str, tuple[str, ...]] = {
@@ -70,15 +83,20 @@ def _in_scale(value: float) -> float:
     return value if 1.0 <= value <= 5.0 else math.nan
 
 
-def _scaled(number: str, denominator: str | None) -> float:
-    """A stated score; "4/5" is 4, a score on another scale ("8/10") is unusable (NaN)."""
-    if denominator is not None and int(denominator) != 5:
+def _scaled(number: str, denominator: str | None, scale: str | None = None) -> float:
+    """A stated score; "4/5" or "(1-5): 4" is 4, a score on another scale ("8/10") is unusable (NaN)."""
+    if any(top is not None and int(top) != 5 for top in (denominator, scale)):
         return math.nan
     return float(number)
 
 
-def _json_number(value: Any) -> float | None:
-    """A JSON value as a score: numbers and numeric strings ("4", "4/5"); None for anything else."""
+def _from_match(match: re.Match[str]) -> float:
+    groups = match.groupdict()
+    return _scaled(groups["value"], groups.get("denominator"), groups.get("scale"))
+
+
+def _json_scalar(value: Any) -> float | None:
+    """A JSON number or numeric string ("4", "4.5", "4/5") as a float; None for anything else."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -88,6 +106,24 @@ def _json_number(value: Any) -> float | None:
         if match:
             return _scaled(match.group(1), match.group(2))
     return None
+
+
+def _json_list(value: Any) -> list[float] | None:
+    """A JSON list of scores ([4], ["4", 3.5]) as floats; None when it is not a list of numbers."""
+    if not isinstance(value, list) or not value:
+        return None
+    numbers = [_json_scalar(item) for item in value]
+    return None if any(number is None for number in numbers) else numbers
+
+
+def _json_number(value: Any) -> float | None:
+    """A JSON value as one score: a number, a numeric string, or a one-element list of either
+    (FIRM's {"score": [4]}). A list of several scores is stated but not one score: NaN, so that
+    parse_score refuses it rather than guess which one is meant. None for anything else."""
+    numbers = _json_list(value)
+    if numbers is not None:
+        return numbers[0] if len(numbers) == 1 else math.nan
+    return _json_scalar(value)
 
 
 def _normalise_key(key: str) -> str:
@@ -147,12 +183,16 @@ def _outside(position: int, spans: list[tuple[int, int]]) -> bool:
 def parse_score(text: str) -> float:
     """The 1..5 score a judge's reply states; NaN when it states none or one outside [1, 5].
 
-    Understood: a JSON object with a "score"/"rating"/criterion key (fenced in ```json or not,
-    with reasoning around it), a boxed score (\\boxed{4}), "rating: 4", "Score: 4/5",
-    "score = 3.5", "4 out of 5", and a reply that is just the number. When several scores are
-    stated, the last one wins: judges reason first and conclude last. Text inside a JSON object
-    that holds a score does not count, so a score quoted in its reasoning cannot override it.
-    A garbled reply is NaN, never 0.
+    Understood: a JSON object with a "score"/"rating"/criterion key holding a number, a numeric
+    string ("4.5") or a one-element list (FIRM's {"reasoning": ..., "score": [4]}), fenced in
+    ```json or not, with reasoning around it; a boxed score (\\boxed{4}); "rating: 4",
+    "Final Score: 4", "Score: 4/5", "Score (1-5): 4", "score = 3.5"; "4 out of 5"; and a reply
+    that is just the number, quoted or not. When several scores are stated, the last one wins:
+    judges reason first and conclude last. Numbers that are not stated as a score (counts in
+    the reasoning: "3 cats, 2 dogs"; "3 out of 5 cats") are not read, and text inside a JSON
+    object that holds a score does not count, so a score quoted in its reasoning cannot override
+    it. Refused (NaN): a list of several scores ({"score": [4, 3]}: which one? parse_scores reads
+    it), another scale ("8/10", "(1-10)"), out of range. A garbled reply is NaN, never 0.
     """
     if not isinstance(text, str) or not text.strip():
         return math.nan
@@ -170,54 +210,76 @@ def parse_score(text: str) -> float:
     for pattern in (_KEYED_SCORE, _BOXED_SCORE):
         for match in pattern.finditer(text):
             if _outside(match.start(), scored_spans):
-                candidates.append(_Candidate(match.start(), _scaled(match.group(1), match.group(2))))
-    for match in _OUT_OF_FIVE.finditer(text):
-        if _outside(match.start(), scored_spans):
-            candidates.append(_Candidate(match.start(), float(re.match(_NUMBER, match.group(0)).group(0))))
+                candidates.append(_Candidate(match.start(), _from_match(match)))
+    if not candidates:
+        # "4 out of 5" standing alone counts only when nothing states a score by name: a
+        # reasoning that says "only 3 out of 5 are visible" after "Score: 2" has not changed it.
+        for match in _OUT_OF_FIVE.finditer(text):
+            candidates.append(_Candidate(match.start(), float(match.group("value"))))
     if not candidates:
         return math.nan
-    # Overlapping forms ("Score: 4/5" is also "4/5") state the same number; max by position
-    # picks the last statement whichever form it took.
+    # The last statement wins, whichever form it took.
     return _in_scale(max(candidates, key=lambda c: c.position).value)
 
 
 def _stem_pattern(stem: str) -> re.Pattern[str]:
-    # The stem, up to a few more key characters ("technical quality", "structure/texture"), a
-    # separator, the number.
+    # The stem, up to a few more key characters ("technical quality", "structure/texture"), an
+    # optional scale ("(1-5)"), a separator, the number.
     return re.compile(
-        rf"""(?<![a-z]){stem}[a-z_ /&-]{{0,24}}?["']?\s*\**\s*[:=]\s*\**\s*["']?\s*({_NUMBER})(?:\s*/\s*(\d+))?""",
+        rf"""(?<![a-z]){stem}[a-z_ /&-]{{0,24}}?{_SCALE}["']?\s*\**\s*[:=]{_STATED_NUMBER}""",
         re.IGNORECASE,
     )
+
+
+def _json_sub_scores(level: dict, stems: Sequence[tuple[str, ...]]) -> dict[int, float]:
+    """Key index -> score held by one JSON object: by name ({"aesthetics": 4}), else, when it
+    names none of the keys, by position in a score list ({"score": [4, 3]}, VIEScore's form).
+    A list whose length is not the number of keys is ambiguous: NaN for every key."""
+    found: dict[int, float] = {}
+    for name, value in level.items():
+        number = _json_number(value)
+        if number is None:
+            continue
+        for index, key_stems in enumerate(stems):
+            if any(stem in _normalise_key(str(name)) for stem in key_stems):
+                found[index] = number
+    if found:
+        return found
+    for name, value in level.items():
+        numbers = _json_list(value)
+        if numbers is not None and _normalise_key(str(name)) in _SCORE_KEYS_EXACT:
+            if len(numbers) != len(stems):
+                return dict.fromkeys(range(len(stems)), math.nan)
+            return dict(enumerate(numbers))
+    return found
 
 
 def parse_scores(text: str, keys: Sequence[str] = QUALITY_KEYS) -> list[float]:
     """One 1..5 score per key (default: the quality sub-scores), NaN for each one the reply lacks.
 
-    Reads JSON objects ({"aesthetics": 4, "technical_quality": 3, ...}) and "Aesthetics: 4" lines;
-    keys match by stem, so "technical quality" or "Structure/Texture" count too. As in
-    parse_score, the last statement of each key wins and out-of-range values are NaN.
+    Reads JSON objects ({"aesthetics": 4, "technical_quality": 3, ...}, or one score list with a
+    value per key in order: {"score": [4, 3, 5], "reasoning": ...}) and "Aesthetics: 4" or
+    "Alignment Score (1-5): 4" lines; keys match by stem, so "technical quality" or
+    "Structure/Texture" count too. As in parse_score, the last statement of each key wins,
+    out-of-range values are NaN, and text inside a JSON object that gave a key its score does
+    not count for that key.
     """
     if not isinstance(text, str) or not text.strip():
         return [math.nan] * len(keys)
-    objects = _json_objects(text)
-    results = []
-    for key in keys:
-        stems = _QUALITY_STEMS.get(key, (_normalise_key(key),))
-        candidates: list[_Candidate] = []
-        scored_spans: list[tuple[int, int]] = []
-        for start, end, obj in objects:
-            for level in _walk_dicts(obj):
-                for name, value in level.items():
-                    number = _json_number(value)
-                    if number is not None and any(stem in _normalise_key(str(name)) for stem in stems):
-                        candidates.append(_Candidate(start, number))
-                        scored_spans.append((start, end))
-        for stem in stems:
+    stems = [_QUALITY_STEMS.get(key, (_normalise_key(key),)) for key in keys]
+    candidates: list[list[_Candidate]] = [[] for _ in keys]
+    scored_spans: list[list[tuple[int, int]]] = [[] for _ in keys]
+    for start, end, obj in _json_objects(text):
+        for level in _walk_dicts(obj):
+            for index, number in _json_sub_scores(level, stems).items():
+                candidates[index].append(_Candidate(start, number))
+                scored_spans[index].append((start, end))
+    for index, key_stems in enumerate(stems):
+        for stem in key_stems:
             for match in _stem_pattern(stem).finditer(text):
-                if _outside(match.start(), scored_spans):
-                    candidates.append(_Candidate(match.start(), _scaled(match.group(1), match.group(2))))
-        results.append(_in_scale(max(candidates, key=lambda c: c.position).value) if candidates else math.nan)
-    return results
+                if _outside(match.start(), scored_spans[index]):
+                    candidates[index].append(_Candidate(match.start(), _from_match(match)))
+    return [_in_scale(max(found, key=lambda c: c.position).value) if found else math.nan for found in candidates]
 
 
 # --------------------------------------------------------------------------------------------
