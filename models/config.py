@@ -4,16 +4,18 @@ composed into the run config by rl.config (one docstring per field, shown in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field
 
 
 @dataclass
 class LoraSettings:
-    rank: int = 32
+    rank: Annotated[int, Field(ge=1)] = 32
     """LoRA rank r (Flow-GRPO SD3.5: 32)."""
-    alpha: int = 64
+    alpha: Annotated[int, Field(ge=1)] = 64
     """LoRA alpha; the update is scaled by alpha / rank."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """LoRA dropout. Keep 0: dropout would make the first inner step off-policy."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Module names (peft target_modules) that get adapters."""
@@ -29,7 +31,7 @@ class ModelConfig:
     """Hub revision of `pretrained`."""
     build_tiny_if_missing: bool = False
     """Build a tiny pipeline (models.fixtures) at `pretrained` when that directory does not exist (CPU tests and tiny configs)."""
-    tiny_warm_start_steps: int = 400
+    tiny_warm_start_steps: Annotated[int, Field(ge=0)] = 400
     """When building a tiny pipeline: flow-matching steps fitting its transformer to smooth synthetic latents (0 = random weights)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Dtype of the frozen weights and of autocast; log-prob math is always fp32."""
@@ -39,5 +41,5 @@ class ModelConfig:
     """LoRA settings (used when use_lora is true)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass to save memory."""
-    max_sequence_length: int = 256
+    max_sequence_length: Annotated[int, Field(ge=1)] = 256
     """Prompt length in tokens (SD3: T5 tokens; must match what the model was trained with). Qwen-Image-Edit ignores it, as its pipelines do."""

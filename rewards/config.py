@@ -4,14 +4,16 @@ components mix. Read by rewards.runner; composed into the run config by rl.confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import Field
 
 
 @dataclass
 class RewardSpec:
     worker: Optional[str] = None
     """Registered reward worker (rewards.WORKERS); defaults to the entry's name."""
-    weight: float = 1.0
+    weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
     """Weight in the mix."""
     role: Literal["train", "monitor"] = "train"
     """train: part of the optimised reward; monitor: scored and logged, never trained on."""
@@ -19,13 +21,13 @@ class RewardSpec:
     """Components of a train worker that are only scored and logged, not trained on (e.g. [partial] for shapes_geneval)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the worker's constructor (device, dtype, checkpoint, ... as the worker takes them)."""
-    batch_size: Optional[int] = None
+    batch_size: Optional[Annotated[int, Field(ge=1)]] = None
     """Images per call to this worker; none = the whole rollout batch at once."""
     urls: list[str] = field(default_factory=list)
     """Reward-server endpoints (python -m rewards.serve) to call instead of running the worker in process; several = round robin."""
-    timeout_s: float = 120.0
+    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
     """Per-request timeout for a remote worker."""
-    retries: int = 3
+    retries: Annotated[int, Field(ge=1)] = 3
     """Attempts per request for a remote worker before the run stops with an error naming the endpoint."""
 
 
@@ -39,7 +41,7 @@ class MixConfig:
     """qma/cme: the base component (qma: instruction following, default firm_gen/instruction; cme: execution, default firm_edit/execution)."""
     bonus: Optional[str] = None
     """qma/cme: the bonus component (qma: quality, default firm_gen/quality; cme: consistency, default firm_edit/consistency)."""
-    uncertainty_strength: float = 0.0
+    uncertainty_strength: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Down-weight the advantage of sample i by 1 / (1 + k * u_i), u_i = summed judge-score variance of the train components; 0 disables."""
 
 
@@ -56,9 +58,4 @@ def reward_problems(rewards: dict[str, RewardSpec], mix: MixConfig) -> list[str]
     if mix.kind in MIX_DEFAULTS:
         mix.base = mix.base or MIX_DEFAULTS[mix.kind][0]
         mix.bonus = mix.bonus or MIX_DEFAULTS[mix.kind][1]
-    for name, spec in rewards.items():
-        if spec.batch_size is not None and spec.batch_size < 1:
-            problems.append(f"`rewards.{name}.batch_size` must be >= 1, got {spec.batch_size}")
-        if spec.retries < 1:
-            problems.append(f"`rewards.{name}.retries` must be >= 1, got {spec.retries}")
     return problems

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -141,6 +142,8 @@ def problem(path: Path, *, ema: bool, deepspeed: bool) -> str | None:
         bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             return f"{file.relative_to(path)} holds non-finite values ({bad[0]})"
+    if not deepspeed and not zipfile.is_zipfile(path / OPTIMIZER_STATE):
+        return f"{OPTIMIZER_STATE} is truncated or not a torch.save file"
     for file in sorted(path.glob("random_states_*.pkl")):
         # The RNG states are read with torch.load(weights_only=True), as accelerate reads them;
         # accelerate only warns when that fails, so a foreign file is caught here instead.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -20,9 +21,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import Field, TypeAdapter, ValidationError
 
 from models.config import LoraSettings, ModelConfig
 from rewards.config import MixConfig, RewardSpec, reward_problems
@@ -39,12 +41,36 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """YAML would let a repeated key (or section) silently replace the first; here it is an error."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key `{key}` appears twice in one section; keep one")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _yaml(text):
     return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+# Constraints are declared on the fields (Annotated + pydantic's Field) and checked as each value
+# is read, so an error names the key, the value and the rule.
+Count = Annotated[int, Field(ge=1)]
+Every = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Guidance = Annotated[float, Field(ge=1, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 @dataclass
@@ -61,17 +87,17 @@ class DataConfig:
 
 @dataclass
 class SampleConfig:
-    num_groups: int = 48
+    num_groups: Count = 48
     """Prompts drawn per epoch over ALL ranks; each becomes one group."""
-    group_size: int = 24
+    group_size: Annotated[int, Field(ge=2)] = 24
     """Images per prompt (K), over all ranks."""
-    batch_size: int = 12
+    batch_size: Count = 12
     """Images per forward pass on each rank during rollouts. Fixed per forward, so results do not depend on the number of ranks."""
-    num_steps: int = 10
+    num_steps: Annotated[int, Field(ge=2)] = 10
     """Sampling steps of a training rollout."""
-    guidance_scale: float = 4.5
-    """Classifier-free guidance scale; 1.0 disables CFG (one forward instead of two). Training uses the same guidance."""
-    resolution: int = 512
+    guidance_scale: Guidance = 4.5
+    """Classifier-free guidance scale (>= 1); 1.0 disables CFG (one forward instead of two). Training uses the same guidance."""
+    resolution: Annotated[int, Field(ge=16, multiple_of=16)] = 512
     """Image height and width in pixels."""
 
 
@@ -79,45 +105,45 @@ class SampleConfig:
 class SDEConfig:
     dynamics: Literal["flow_sde", "dance_sde", "cps"] = "flow_sde"
     """Stochastic step: flow_sde (Flow-GRPO), dance_sde (DanceGRPO), cps (coefficients-preserving)."""
-    noise_level: float = 0.7
+    noise_level: Positive = 0.7
     """Noise level a (flow_sde, cps) or eta (dance_sde)."""
     window: Literal["all", "fixed", "random"] = "all"
     """Which steps are stochastic and trained: all (every step but the last), fixed (`steps`), random (a window of `window_size` steps starting in `window_range`, redrawn each epoch). Other steps are ODE steps."""
-    steps: list[int] = field(default_factory=list)
+    steps: list[Annotated[int, Field(ge=0)]] = field(default_factory=list)
     """Step indices for window=fixed."""
-    window_size: int = 2
+    window_size: Count = 2
     """Number of consecutive stochastic steps for window=random."""
-    window_range: list[int] = field(default_factory=lambda: [0, 4])
+    window_range: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)] = field(default_factory=lambda: [0, 4])
     """Inclusive [low, high] range of the window's first step for window=random."""
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 12
+    batch_size: Count = 12
     """Images per forward pass on each rank during the update (keep equal to sample.batch_size for an exactly on-policy first step)."""
-    num_minibatches: int = 2
+    num_minibatches: Count = 2
     """Optimizer steps per inner epoch; the epoch's samples are split into this many global minibatches."""
-    inner_epochs: int = 1
+    inner_epochs: Count = 1
     """Passes over the epoch's samples."""
-    learning_rate: float = 3e-4
+    learning_rate: Positive = 3e-4
     """AdamW learning rate."""
-    weight_decay: float = 1e-4
+    weight_decay: NonNegative = 1e-4
     """AdamW weight decay."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
-    adam_eps: float = 1e-8
+    adam_eps: Positive = 1e-8
     """AdamW epsilon."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     """Learning-rate schedule name (diffusers.optimization.get_scheduler): constant, constant_with_warmup, linear, cosine."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: Every = 0
     """Warm-up optimizer steps of the schedule."""
-    clip_range: float = 1e-4
+    clip_range: Positive = 1e-4
     """PPO clip range eps on the probability ratio."""
-    beta: float = 0.04
+    beta: NonNegative = 0.04
     """Weight of the KL to the reference policy (0 disables it and the reference forward)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Positive = 1.0
     """Gradient-norm clip (set once; under DeepSpeed it becomes the engine's gradient_clipping)."""
-    adv_clip: float = 5.0
+    adv_clip: Positive = 5.0
     """Advantages are clipped to [-adv_clip, adv_clip]."""
     global_std: bool = True
     """Normalise advantages by the std of all rewards of the epoch (true) or by each group's std (false)."""
@@ -125,29 +151,29 @@ class TrainConfig:
     """Leave out of the update the samples of groups whose rewards are all equal."""
     ema: bool = True
     """Keep an EMA of the trainable weights and evaluate with it."""
-    ema_decay: float = 0.9
+    ema_decay: Fraction = 0.9
     """EMA decay per EMA update."""
-    ema_every: int = 8
+    ema_every: Count = 8
     """Optimizer steps between EMA updates."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: Count = 3
     """Optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops with an error."""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 10
+    every: Every = 10
     """Evaluate every this many epochs (and at the end); 0 = only at the end."""
     before_training: bool = True
     """Also evaluate before the first update (logged as epoch 0)."""
-    num_prompts: int = 64
+    num_prompts: Count = 64
     """Held-out prompts per evaluation (the first ones of data.eval_prompts)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: Count = 1
     """Samples per held-out prompt, each with its own noise (more samples, less noisy metrics)."""
-    num_steps: int = 40
+    num_steps: Count = 40
     """ODE steps of an evaluation sample."""
-    guidance_scale: float = 4.5
-    """CFG scale for evaluation samples."""
-    batch_size: int = 8
+    guidance_scale: Guidance = 4.5
+    """CFG scale for evaluation samples (>= 1; 1.0 disables CFG)."""
+    batch_size: Count = 8
     """Images per forward pass on each rank during evaluation."""
 
 
@@ -159,11 +185,11 @@ class LogConfig:
     """W&B project."""
     run_name: Optional[str] = None
     """W&B run name; defaults to the run directory's name."""
-    image_every: int = 10
+    image_every: Every = 10
     """Log a grid of rollout images every this many epochs (0 = never)."""
-    save_every: int = 10
+    save_every: Every = 10
     """Checkpoint every this many epochs (the end of a run always saves)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Count = 2
     """How many of this run's newest checkpoints to keep on disk (at least 1; the one just written is never deleted)."""
     progress: bool = True
     """Show progress bars on the main process."""
@@ -175,9 +201,9 @@ class LogConfig:
 class RunConfig:
     run_dir: str = "runs/default"
     """Directory for metrics.jsonl, checkpoints, images and W&B files; one run at a time. `{wandb_run_id}` in it becomes the W&B run id (sweeps)."""
-    num_epochs: int = 100
+    num_epochs: Count = 100
     """Epochs (rollout + update) to train in total; raise it when resuming to train longer."""
-    seed: int = 0
+    seed: Every = 0
     """Seed of prompt draws, noise and SDE windows (results do not depend on the number of ranks)."""
     resume: Optional[str] = None
     """Run directory to continue from its newest intact checkpoint (only keys listed in rl.rundir.SAFE_TO_CHANGE may differ from the run's config)."""
@@ -208,6 +234,10 @@ class RunConfig:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        shown = [text for rule in rules for text in _rules(rule)]
+        return _type_name(base) + (f" ({', '.join(shown)})" if shown else "")
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
@@ -217,9 +247,35 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "multiple_of": "a multiple of", "min_length": "length >=", "max_length": "length <="}
+
+
+def _rules(field_info) -> list[str]:
+    """The constraints of a pydantic Field as short text: ">= 1", "a multiple of 16", "finite"."""
+    metadata = getattr(field_info, "metadata", [])
+    shown = [f"{symbol} {getattr(meta, name)}" for meta in metadata for name, symbol in _SYMBOLS.items() if getattr(meta, name, None) is not None]
+    lengths = [text for text in shown if text.startswith("length")]
+    if len(lengths) == 2 and lengths[0].split()[-1] == lengths[1].split()[-1]:  # min == max
+        shown = [text for text in shown if not text.startswith("length")] + [f"length {lengths[0].split()[-1]}"]
+    return shown + (["finite"] if any(getattr(meta, "allow_inf_nan", True) is False for meta in metadata) else [])
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(tp: Any) -> TypeAdapter:
+    return TypeAdapter(tp)
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp` and build nested dataclasses."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        converted = _convert(value, typing.get_args(tp)[0], key, source)
+        try:
+            _adapter(tp).validate_python(converted)
+        except ValidationError as err:
+            rule = "; ".join(e["msg"] for e in err.errors())
+            raise ConfigError(f"{source}: `{key}` = {value!r}: {rule[0].lower() + rule[1:]}") from None
+        return converted
     wrong = ConfigError(f"{source}: `{key}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if tp is Any:
         return value
@@ -273,7 +329,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _build(cls: type, data: dict, prefix: str, source: str):
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -353,19 +409,7 @@ def _resolve(file: str, base: Path) -> str:
 
 def validate(config: RunConfig) -> None:
     """Checks across fields that a type alone cannot express (world size not known yet)."""
-    s, t = config.sample, config.train
-    for name, value in [
-        ("sample.num_groups", s.num_groups), ("sample.group_size", s.group_size),
-        ("sample.batch_size", s.batch_size), ("sample.num_steps", s.num_steps),
-        ("train.batch_size", t.batch_size), ("train.num_minibatches", t.num_minibatches),
-        ("train.inner_epochs", t.inner_epochs), ("num_epochs", config.num_epochs),
-        ("eval.samples_per_prompt", config.eval.samples_per_prompt), ("log.keep_checkpoints", config.log.keep_checkpoints),
-        ("train.ema_every", config.train.ema_every), ("train.max_nonfinite_steps", config.train.max_nonfinite_steps),
-    ]:
-        if value < 1:
-            raise ConfigError(f"`{name}` must be >= 1, got {value}")
-    if s.resolution % 16:
-        raise ConfigError(f"`sample.resolution` must be a multiple of 16, got {s.resolution}")
+    s = config.sample
     data = config.data
     if bool(data.train_prompts) == bool(data.train_edits):
         raise ConfigError("set exactly one of `data.train_prompts` (text-to-image) and `data.train_edits` (editing)")
@@ -378,10 +422,34 @@ def validate(config: RunConfig) -> None:
     problems = reward_problems(config.rewards, config.reward_mix)
     if problems:
         raise ConfigError(problems[0])
-    if config.sde.window == "fixed" and not config.sde.steps:
-        raise ConfigError("`sde.steps` must list step indices when sde.window is fixed")
-    if config.sde.window == "random" and len(config.sde.window_range) != 2:
-        raise ConfigError("`sde.window_range` must be [low, high] when sde.window is random")
+    sde = config.sde
+    if sde.window == "fixed":
+        if not sde.steps:
+            raise ConfigError("`sde.steps` must list step indices when sde.window is fixed")
+        if max(sde.steps) >= s.num_steps:
+            raise ConfigError(f"`sde.steps` = {sde.steps}: every step must be below sample.num_steps = {s.num_steps}")
+    if sde.window == "random":
+        low, high = sde.window_range
+        if low > high:
+            raise ConfigError(f"`sde.window_range` = {sde.window_range} must be [low, high] with low <= high")
+        if high + sde.window_size > s.num_steps:
+            raise ConfigError(
+                f"`sde.window_range` = {sde.window_range} with sde.window_size = {sde.window_size}: a window starting at {high} "
+                f"runs past the {s.num_steps} sampling steps; every window it can draw must end before step {s.num_steps}"
+            )
+    eval_file = data.eval_prompts or data.eval_edits
+    if eval_file:
+        available = _count_entries(eval_file)
+        if config.eval.num_prompts > available:
+            raise ConfigError(f"`eval.num_prompts` = {config.eval.num_prompts} but {eval_file} holds {available}; lower it to at most {available}")
+
+
+def _count_entries(path: str) -> int:
+    """Non-empty lines of a prompt or JSONL file (what the data reader will find)."""
+    try:
+        return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
 
 
 def to_dict(config) -> dict:
@@ -412,7 +480,7 @@ def reference(cls: type = RunConfig, prefix: str = "") -> list[str]:
     """One markdown line per field: key, type, default, description."""
     lines = []
     docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"

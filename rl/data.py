@@ -22,7 +22,11 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist; set data.train_prompts / data.eval_prompts")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"prompt file {path} holds no prompts (one per line expected)")
     return prompts
@@ -54,7 +58,11 @@ def read_edits(path: str | Path) -> list[EditRow]:
     if not path.is_file():
         raise DataError(f"edit file {path} does not exist; set data.train_edits / data.eval_edits")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"edit file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

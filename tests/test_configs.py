@@ -25,7 +25,8 @@ SWEEP = ROOT / "configs" / "sweeps" / "reward_mix.yaml"
 def configs_dir(tmp_path_factory) -> Path:
     """A copy of configs/ as a user has it: the data the repository ships, as shipped; the data a
     user supplies (a path outside configs/, e.g. ../data/pickscore/train.txt, described in the
-    file's comments) as a one-line stand-in where that path leads."""
+    file's comments) as a stand-in of 1,000 lines (more than any shipped eval.num_prompts) where
+    that path leads."""
     copy = tmp_path_factory.mktemp("user") / "configs"
     shutil.copytree(ROOT / "configs", copy)
     for path in CONFIGS:
@@ -34,7 +35,7 @@ def configs_dir(tmp_path_factory) -> Path:
             if data.get(key) and not (copy / data[key]).resolve().is_relative_to(copy):
                 standin = (copy / data[key]).resolve()
                 standin.parent.mkdir(parents=True, exist_ok=True)
-                standin.write_text("a photo of a cat\n")
+                standin.write_text("a photo of a cat\n" * 1000)
     return copy
 
 

@@ -160,8 +160,8 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_run(tiny_sd3, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume(tiny_sd3, tmp_path):
-    """kill -9 after the first checkpoint: the lock it leaves is stale, nothing half-written is
-    used, and resume finishes the run."""
+    """A second run into the run_dir of a running one stops at once; kill -9 of the first after
+    its second checkpoint leaves a stale lock, nothing half-written is used, and resume finishes."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "rl.train", "configs/tiny_cpu.yaml", f"model.pretrained={tiny_sd3}",
                "model.max_sequence_length=32", f"run_dir={run_dir}", *QUICK, "num_epochs=50"]
@@ -170,10 +170,13 @@ def test_kill_9_mid_run_then_resume(tiny_sd3, tmp_path):
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "epoch-000002").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    second = cli(tiny_sd3, run_dir, "num_epochs=1", "overwrite=true")  # while the first still runs
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr[-2000:]
     assert (run_dir / rundir.LOCK).exists(), "the killed run should have left its lock"
-    resumed = cli(tiny_sd3, run_dir, "num_epochs=4", f"resume={run_dir}")
+    last = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    resumed = cli(tiny_sd3, run_dir, f"num_epochs={last + 2}", f"resume={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert epochs_logged(run_dir)[-1] == 4 and sorted(set(epochs_logged(run_dir))) == epochs_logged(run_dir)
+    assert epochs_logged(run_dir) == list(range(1, last + 3))
     assert not (run_dir / rundir.LOCK).exists()
