@@ -4,8 +4,10 @@ component is missing as a whole (left out of its group's statistics and of the u
 
 Mixes (config `reward_mix.kind`):
 - weighted_sum: sum_c w_c * s_c, optionally after normalising each component within its group.
-- qma (FIRM, generation): R = I * (0.4 + 0.6 * Q) on scores mapped from 1..5 to [0, 1].
-- cme (FIRM, editing):    R = clip01(E * (0.6 + 0.4 * C)) likewise.
+- base_bonus: R = u(base) * (floor + bonus_weight * u(bonus)), each component mapped to [0, 1]
+  by u(s) = clip((s - low) / (high - low), 0, 1) over its declared [low, high] range.
+- qma (FIRM, generation): base_bonus with 1..5 judge scores, floor 0.4, bonus_weight 0.6.
+- cme (FIRM, editing):    base_bonus with 1..5 judge scores, floor 0.6, bonus_weight 0.4.
 Base-and-Bonus: the base score gates the reward, the bonus only adds to it, so the policy cannot
 win by maximising the bonus alone (FIRM: a 0.5/0.5 sum for editing was hacked by returning the
 source image unchanged).
@@ -13,14 +15,41 @@ source image unchanged).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-MIXES = ("weighted_sum", "qma", "cme")
+MIXES = ("weighted_sum", "base_bonus", "qma", "cme")
 
 
-def normalise_1_5(score) -> np.ndarray:
-    """Map a 1..5 judge score to [0, 1]: (s - 1) / 4."""
-    return (np.asarray(score, dtype=np.float64) - 1.0) / 4.0
+@dataclass(frozen=True)
+class BaseBonus:
+    """R = u(base) * (floor + bonus_weight * u(bonus)); u maps a component's [low, high] to [0, 1]."""
+
+    base_range: tuple[float, float]
+    bonus_range: tuple[float, float]
+    floor: float
+    bonus_weight: float
+
+
+JUDGE_SCALE = (1.0, 5.0)  # FIRM's judges score 1..5
+# FIRM's published constants: generation gates on instruction following (QMA), editing on
+# execution (CME).
+PRESETS = {
+    "qma": BaseBonus(JUDGE_SCALE, JUDGE_SCALE, floor=0.4, bonus_weight=0.6),
+    "cme": BaseBonus(JUDGE_SCALE, JUDGE_SCALE, floor=0.6, bonus_weight=0.4),
+}
+
+
+def to_unit(score, low: float, high: float) -> np.ndarray:
+    """Map [low, high] onto [0, 1], clipped outside it; NaN stays NaN (missing)."""
+    value = (np.asarray(score, dtype=np.float64) - low) / (high - low)
+    return np.where(np.isnan(value), np.nan, np.clip(value, 0.0, 1.0))
+
+
+def base_and_bonus(base, bonus, mix: BaseBonus) -> np.ndarray:
+    """[B] in [0, floor + bonus_weight], NaN where either input is NaN."""
+    return to_unit(base, *mix.base_range) * (mix.floor + mix.bonus_weight * to_unit(bonus, *mix.bonus_range))
 
 
 def qma(instruction, quality) -> np.ndarray:
@@ -33,13 +62,12 @@ def qma(instruction, quality) -> np.ndarray:
     if quality.ndim == 2:
         # np.min propagates NaN, which is what we want: one missing sub-score is a missing Q.
         quality = quality.min(axis=1)
-    return normalise_1_5(instruction) * (0.4 + 0.6 * normalise_1_5(quality))
+    return base_and_bonus(instruction, quality, PRESETS["qma"])
 
 
 def cme(execution, consistency) -> np.ndarray:
     """FIRM's Consistency-Modulated Execution for editing, from raw 1..5 scores: [B] in [0, 1]."""
-    value = normalise_1_5(execution) * (0.6 + 0.4 * normalise_1_5(consistency))
-    return np.where(np.isnan(value), np.nan, np.clip(value, 0.0, 1.0))
+    return base_and_bonus(execution, consistency, PRESETS["cme"])
 
 
 def weighted_sum(scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -79,14 +107,16 @@ def mix_rewards(
     group_normalize: bool = False,
     base: str | None = None,
     bonus: str | None = None,
+    base_bonus: BaseBonus | None = None,
 ) -> np.ndarray:
     """The trained reward per sample.
 
     weights: the trained components and their weights (monitor components are not in it).
     weighted_sum: with group_normalize, each component is normalised within its group first
         (needs group_ids), so components on different scales count by their weights alone.
-    qma / cme: Base-and-Bonus of the `base` and `bonus` components (raw 1..5 scores), plus the
-        weighted sum of any other trained component.
+    base_bonus / qma / cme: Base-and-Bonus of the `base` and `bonus` components (base_bonus with
+        the given ranges and constants, qma and cme with FIRM's), plus the weighted sum of any
+        other trained component.
     """
     if kind not in MIXES:
         raise ValueError(f"unknown reward mix {kind!r}; choose one of {MIXES}")
@@ -99,7 +129,13 @@ def mix_rewards(
     for role, name in (("base", base), ("bonus", bonus)):
         if name is None or name not in weights:
             raise KeyError(f"reward_mix {kind}: {role} component {name!r} must be a trained component; trained: {sorted(weights)}")
-    combined = qma(scores[base], scores[bonus]) if kind == "qma" else cme(scores[base], scores[bonus])
+    if kind == "qma":
+        combined = qma(scores[base], scores[bonus])
+    else:
+        settings = PRESETS.get(kind, base_bonus)
+        if settings is None:
+            raise ValueError("reward_mix base_bonus needs its ranges, floor and bonus_weight")
+        combined = base_and_bonus(scores[base], scores[bonus], settings)
     others = {name: w for name, w in weights.items() if name not in (base, bonus)}
     return combined + weighted_sum(scores, others) if others else combined
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from rewards import build_worker
 from rewards.base import RewardBatch, RewardOutput, RewardWorker
-from rewards.config import MixConfig, RewardSpec
+from rewards.config import MixConfig, RewardSpec, base_bonus_settings
 from rewards.mix import mix_rewards, uncertainty_weights
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def is_count(key: str) -> bool:
 class RewardRunner:
     def __init__(self, specs: dict, mix=None):
         self.mix = mix if mix is not None else MixConfig()
+        self.base_bonus = base_bonus_settings(self.mix)
         self._closed = False
         self.entries = []  # (name, spec, worker, component names)
         for name, spec in specs.items():
@@ -101,7 +102,8 @@ class RewardRunner:
             raise ValueError("no reward component is trained on: every one has role monitor or is in monitor_components")
         if self.mix.kind != "weighted_sum":
             # Fails here, before any model loads, when the named components do not exist.
-            mix_rewards({c: np.zeros(1) for c in self.weights}, self.weights, kind=self.mix.kind, base=self.mix.base, bonus=self.mix.bonus)
+            mix_rewards({c: np.zeros(1) for c in self.weights}, self.weights, kind=self.mix.kind, base=self.mix.base, bonus=self.mix.bonus,
+                        base_bonus=self.base_bonus)
 
     @property
     def components(self) -> list[str]:
@@ -181,7 +183,7 @@ class RewardRunner:
         normalise = self.mix.group_normalize if group_normalize is None else group_normalize
         return mix_rewards(
             scores, self.weights, kind=self.mix.kind, group_ids=group_ids,
-            group_normalize=normalise, base=self.mix.base, bonus=self.mix.bonus,
+            group_normalize=normalise, base=self.mix.base, bonus=self.mix.bonus, base_bonus=self.base_bonus,
         )
 
     def advantage_weights(self, uncertainty: dict[str, np.ndarray]) -> np.ndarray | None:

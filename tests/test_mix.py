@@ -5,12 +5,13 @@ REFERENCE.md section 3 (normalise s -> (s - 1) / 4)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rewards.base import RewardBatch
-from rewards.mix import cme, group_normalise, mix_rewards, normalise_1_5, qma, uncertainty_weights
+from rewards.mix import BaseBonus, cme, group_normalise, mix_rewards, qma, uncertainty_weights
 from rewards.runner import RewardRunner
 from rewards.config import MixConfig, RewardSpec
 
@@ -46,7 +47,7 @@ def test_cme_is_not_hacked_by_consistency_alone():
     gated = mix_rewards(raw, weights, kind="cme", base="execution", bonus="consistency")
     # E' * (0.6 + 0.4 C'): 0 * 1, 1 * 1, 0.5 * 0.6
     np.testing.assert_allclose(gated, [0.0, 1.0, 0.3], atol=1e-12)
-    normalised = {name: normalise_1_5(scores) for name, scores in raw.items()}
+    normalised = {name: (scores - 1.0) / 4.0 for name, scores in raw.items()}
     # 0.5 E' + 0.5 C': 0 + 0.5, 0.5 + 0.5, 0.25 + 0
     np.testing.assert_allclose(mix_rewards(normalised, weights, kind="weighted_sum"), [0.5, 1.0, 0.25], atol=1e-12)
 
@@ -128,3 +129,49 @@ def test_per_component_batch_size_gives_the_same_scores():
     chunked = RewardRunner({"jpeg_compressibility": RewardSpec(batch_size=2)}).score(batch)
     np.testing.assert_array_equal(whole.scores["jpeg_compressibility"], chunked.scores["jpeg_compressibility"])
     assert "jpeg_compressibility" in chunked.seconds
+
+
+def test_base_bonus_maps_each_component_through_its_range():
+    """The demo's mix: strict x (0.4 + 0.6 q), q = JPEG compressibility mapped from
+    [-0.004, -0.002] to [0, 1] and clipped outside it. By hand: q(-0.003) = 0.5 -> 1 x 0.7;
+    an empty canvas (-0.001, q clipped to 1) with the caption wrong (strict 0) earns 0; a busy
+    image (-0.005, q clipped to 0) with the caption right keeps the floor 0.4."""
+    mix = BaseBonus(base_range=(0.0, 1.0), bonus_range=(-0.004, -0.002), floor=0.4, bonus_weight=0.6)
+    scores = {"strict": np.array([1.0, 0.0, 1.0, np.nan]), "jpeg": np.array([-0.003, -0.001, -0.005, -0.003])}
+    out = mix_rewards(scores, {"strict": 1.0, "jpeg": 1.0}, kind="base_bonus", base="strict", bonus="jpeg", base_bonus=mix)
+    np.testing.assert_allclose(out[:3], [0.7, 0.0, 0.4], atol=1e-12)
+    assert math.isnan(out[3])
+
+
+def test_base_bonus_config_needs_its_constants_and_presets_fill_firms():
+    from rewards.config import base_bonus_settings, reward_problems
+
+    rewards = {"strict": RewardSpec(), "jpeg": RewardSpec()}
+    incomplete = MixConfig(kind="base_bonus", base="strict", bonus="jpeg", base_range=[0.0, 1.0])
+    assert reward_problems(rewards, incomplete) == ["`reward_mix.bonus_range` must be set for kind base_bonus (it needs bonus_range, floor, bonus_weight)"]
+    backwards = MixConfig(kind="base_bonus", base="strict", bonus="jpeg", base_range=[1.0, 0.0], bonus_range=[0.0, 1.0], floor=0.4, bonus_weight=0.6)
+    assert reward_problems(rewards, backwards) == ["`reward_mix.base_range` = [1.0, 0.0] must be [low, high] with low < high"]
+    typo = MixConfig(kind="base_bonus", base="strikt", bonus="jpeg", base_range=[0.0, 1.0], bonus_range=[0.0, 1.0], floor=0.4, bonus_weight=0.6)
+    assert "`reward_mix.base` = 'strikt' names no reward component" in reward_problems(rewards, typo)[0]
+    firm = {"firm_edit": RewardSpec()}
+    preset = MixConfig(kind="cme")
+    assert reward_problems(firm, preset) == []
+    assert (preset.base, preset.bonus, preset.base_range, preset.floor, preset.bonus_weight) == ("firm_edit/execution", "firm_edit/consistency", [1.0, 5.0], 0.6, 0.4)
+    assert base_bonus_settings(preset) == BaseBonus((1.0, 5.0), (1.0, 5.0), 0.6, 0.4)
+    assert "use kind: base_bonus" in reward_problems(firm, MixConfig(kind="cme", floor=0.5))[0]
+
+
+def test_a_base_bonus_mix_from_the_command_line_is_what_the_runner_trains_on():
+    """configs/demo.yaml with the compressibility bonus gated by strict, set by overrides only."""
+    from rewards.runner import RewardRunner
+    from rl.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
+        "rewards.jpeg_compressibility.role=train", "reward_mix.kind=base_bonus", "reward_mix.base=shapes_geneval/strict",
+        "reward_mix.base_range=[0,1]", "reward_mix.bonus=jpeg_compressibility", "reward_mix.bonus_range=[-0.004,-0.002]",
+        "reward_mix.floor=0.4", "reward_mix.bonus_weight=0.6",
+    ])
+    runner = RewardRunner(config.rewards, config.reward_mix)
+    scores = {"shapes_geneval/strict": np.array([1.0, 0.0]), "shapes_geneval/partial": np.array([0.5, 0.5]),
+              "jpeg_compressibility": np.array([-0.0025, -0.001])}
+    np.testing.assert_allclose(runner.trained_reward(scores), [1.0 * (0.4 + 0.6 * 0.75), 0.0], atol=1e-12)
