@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, load
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -147,8 +147,6 @@ def problem(path: Path, *, ema: bool, deepspeed: bool) -> str | None:
     for file in sorted(path.glob("random_states_*.pkl")):
         # The RNG states are read with torch.load(weights_only=True), as accelerate reads them;
         # accelerate only warns when that fails, so a foreign file is caught here instead.
-        from accelerate.utils import load
-
         try:
             load(file)
         except Exception as err:  # noqa: BLE001 - any failure means the file is not what we wrote

@@ -540,7 +540,8 @@ class Trainer:
             if norm is not None:
                 grad_norms.append(float(norm))
         params = self.policy.trainable_parameters()
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        # One device sync for all parameters, not one per parameter: this runs every step.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise NonFiniteError(
                 f"optimizer step {global_step} made trainable weights non-finite (lower train.learning_rate or "
                 "train.max_grad_norm); nothing was saved after it, the last checkpoint is intact"
