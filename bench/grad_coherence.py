@@ -1,6 +1,6 @@
 """How much of the GRPO gradient survives a new draw of the sampling noise, per LoRA target.
 
-    python bench/grad_coherence.py configs/demo.yaml [--batches 6] [override ...]
+    python bench/grad_coherence.py configs/shapes_strict.yaml [--batches 6] [override ...]
 
 Samples the same epoch's prompts `--batches` times with independent noise, computes the policy
 gradient of each batch at the starting weights (no optimizer step) and prints the mean pairwise

@@ -65,6 +65,12 @@ def reward_problems(rewards: dict[str, RewardSpec], mix: MixConfig) -> list[str]
     problems = []
     if not any(spec.role == "train" for spec in rewards.values()):
         problems.append("`rewards` must list at least one component with role: train")
+    if mix.kind == "weighted_sum":
+        # base / bonus may stay named (a sweep switching qma <-> weighted_sum); constants may not.
+        stray = [name for name in ("base_range", "bonus_range", "floor", "bonus_weight") if getattr(mix, name) is not None]
+        if stray:
+            problems.append(f"`reward_mix.{stray[0]}` only applies to kind base_bonus, and reward_mix.kind is weighted_sum; "
+                            "set the kind or remove it")
     if mix.kind in MIX_DEFAULTS:
         mix.base = mix.base or MIX_DEFAULTS[mix.kind][0]
         mix.bonus = mix.bonus or MIX_DEFAULTS[mix.kind][1]

@@ -175,6 +175,8 @@ class EvalConfig:
     """CFG scale for evaluation samples (>= 1; 1.0 disables CFG)."""
     batch_size: Count = 8
     """Images per forward pass on each rank during evaluation."""
+    pass_fail: Optional[str] = None
+    """A reward component scored 0 or 1, such as a verifiable monitor (`shapes_geneval/strict`), that frames each image of the evaluation pictures pass or fail; unset: no marks."""
 
 
 @dataclass
@@ -185,6 +187,8 @@ class LogConfig:
     """W&B project."""
     run_name: Optional[str] = None
     """W&B run name; defaults to the run directory's name."""
+    group: Optional[str] = None
+    """W&B group; `python -m rl.sweep` puts every run of one sweep in one group."""
     image_every: Every = 10
     """Log a grid of rollout images every this many epochs (0 = never)."""
     save_every: Every = 10
@@ -437,6 +441,8 @@ def validate(config: RunConfig) -> None:
                 f"`sde.window_range` = {sde.window_range} with sde.window_size = {sde.window_size}: a window starting at {high} "
                 f"runs past the {s.num_steps} sampling steps; every window it can draw must end before step {s.num_steps}"
             )
+    if config.eval.pass_fail is not None and config.eval.pass_fail.split("/")[0] not in config.rewards:
+        raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} names no reward component; components come from: {', '.join(config.rewards)}")
     eval_file = data.eval_prompts or data.eval_edits
     if eval_file:
         available = _count_entries(eval_file)

@@ -13,10 +13,21 @@ import numpy as np
 import torch
 
 from rl.data import Item
+from rl.pictures import Row, labelled_grid
 from rl.rollout import SDESettings, rollout
 from rl.stats import nanmean, paired_change
 
 EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
+SHOWN = 16  # evaluation samples shown in the pictures
+
+
+def read_shown(run_dir: str | Path, epoch: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run's shown evaluation images [N, H, W, 3] and pass/fail scores [N] at `epoch` (None if not kept)."""
+    path = Path(run_dir) / "images" / f"eval_epoch_{epoch:05d}.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as data:  # plain arrays only: np.load refuses pickled objects by default
+        return data["images"], data["passes"]
 
 
 @contextmanager
@@ -48,13 +59,11 @@ class Evaluator:
     def before_path(self) -> Path:
         return self.run_dir / "eval_before.npz"
 
-    @property
-    def images_before_path(self) -> Path:
-        return self.run_dir / "images" / "eval_before.npz"
-
     def forget_earlier_run(self) -> None:
         """A new run never compares against an earlier run's baseline left in the same run_dir."""
         self.before_path.unlink(missing_ok=True)
+        for kept in (self.run_dir / "images").glob("eval_epoch_*.npz"):
+            kept.unlink()
 
     def __call__(self, epoch: int, reward_batch) -> dict[str, float]:
         """ODE sampling with the EMA weights on the held-out prompts; the same noise every time.
@@ -91,11 +100,7 @@ class Evaluator:
         metrics = {key: nanmean(values) for key, values in per_sample.items()}
         metrics.update(self.change(epoch, per_sample))
         metrics["time/eval_s"] = time.perf_counter() - start
-        if images is not None and ranks.accelerator.is_main_process:
-            shown = images[:: config.eval.samples_per_prompt][:16].numpy()  # one sample per prompt
-            captions = [item.text for item in items[:: config.eval.samples_per_prompt][:16]]
-            self.tracker.log_images("eval/images", shown, captions, epoch)
-            self.before_after(epoch, shown, captions)
+        self.pictures(epoch, indices, images, scored.scores if indices else {})
         return metrics
 
     def change(self, epoch: int, per_sample: dict[str, np.ndarray]) -> dict[str, float]:
@@ -118,18 +123,48 @@ class Evaluator:
                 out[f"{key}/change"], out[f"{key}/change_se"] = paired_change(before[key], values, prompts)
         return out
 
-    def before_after(self, epoch: int, images: np.ndarray, captions: list[str]) -> None:
-        """Keep the first evaluation's images (run_dir/images/eval_before.npz, so a resumed run
-        has them too); at the end of training, write them above the final ones as
-        run_dir/before_after.png (and log it), same prompts and same noise in each column."""
-        path = self.images_before_path
-        if epoch == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, images=images)
-        elif epoch == self.config.num_epochs and path.exists():
-            before = np.load(path)["images"]
-            count = min(len(before), len(images))
-            self.tracker.log_before_after(before[:count], images[:count], captions[:count], epoch)
+    def shown(self) -> list[int]:
+        """The evaluation samples the pictures show: the first sample of up to 16 distinct prompts
+        spread evenly over the held-out list (so each kind of prompt appears; a prompt listed
+        twice is shown once)."""
+        spp = self.config.eval.samples_per_prompt
+        first: dict = {}
+        for p in range(len(self.items) // spp):
+            first.setdefault((self.items[p * spp].text, self.items[p * spp].source), p)
+        distinct = sorted(first.values())
+        picks = np.unique(np.linspace(0, len(distinct) - 1, min(SHOWN, len(distinct))).round().astype(int))
+        return [distinct[i] * spp for i in picks]
+
+    def pictures(self, epoch: int, indices: list[int], images, scores: dict[str, np.ndarray]) -> None:
+        """Gather the shown samples on the main process with their pass/fail score
+        (eval.pass_fail) and keep them as run_dir/images/eval_epoch_NNNNN.npz; at the evaluation
+        before training that is the baseline, and at the end of training before_after.png puts
+        the base model's images above the trained ones (same prompts, same noise), labelled."""
+        wanted = set(self.shown())
+        pass_fail = self.config.eval.pass_fail
+        local = []
+        for position, index in enumerate(indices):
+            if index in wanted:
+                score = float(scores[pass_fail][position]) if pass_fail else float("nan")
+                local.append((index, images[position].numpy(), score))
+        gathered = sorted(self.ranks.gather_list(local), key=lambda entry: entry[0])
+        if not self.ranks.accelerator.is_main_process or not gathered:
+            return
+        shown = np.stack([entry[1] for entry in gathered])
+        passes = np.array([entry[2] for entry in gathered])
+        captions = [self.items[entry[0]].text for entry in gathered]
+        self.tracker.log_images("eval/images", shown, captions, epoch)
+        folder = self.run_dir / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(folder / f"eval_epoch_{epoch:05d}.npz", images=shown, passes=passes)
+        (folder / "eval_shown.json").write_text(json.dumps({"captions": captions, "pass_fail": pass_fail, "roles": self.rewards.roles}))
+        before = read_shown(self.run_dir, 0)
+        if epoch == self.config.num_epochs and before is not None and len(before[0]) == len(shown):
+            rows = [Row("base model (before training)", before[0], before[1] if pass_fail else None),
+                    Row(f"{self.run_dir.name} after epoch {epoch}", shown, passes if pass_fail else None)]
+            title = f"{self.run_dir.name}: held-out prompts, the same noise before and after training"
+            picture, _ = labelled_grid(rows, captions, title=title, pass_name=pass_fail)
+            self.tracker.log_picture("eval/before_after", picture, title, epoch, "before_after.png")
 
     def weights_used(self) -> str:
         """Which weights the evaluations sampled with, and a warning when that was the EMA and it never moved."""

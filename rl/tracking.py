@@ -29,13 +29,14 @@ def image_grid(images: np.ndarray, columns: int = 8, pad: int = 2) -> np.ndarray
 class NullTracker:
     def log(self, metrics: dict, epoch: int) -> None: ...
     def log_images(self, key: str, images: np.ndarray, captions: list[str], epoch: int) -> Path | None: ...
-    def log_before_after(self, before: np.ndarray, after: np.ndarray, captions: list[str], epoch: int) -> None: ...
+    def log_picture(self, key: str, picture, caption: str, epoch: int, filename: str) -> Path | None: ...
     def save_samples(self, epoch: int, rows: list[dict]) -> None: ...
     def finish(self) -> None: ...
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, *, mode: str, project: str, run_name: str | None, config: dict, resume_epoch: int | None):
+    def __init__(self, run_dir: str | Path, *, mode: str, project: str, run_name: str | None, config: dict, resume_epoch: int | None,
+                 group: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -60,7 +61,7 @@ class Tracker:
             id_file = self.run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if (resume_epoch is not None and id_file.exists()) else None
             self.wandb = wandb.init(
-                project=project, name=run_name or self.run_dir.name, dir=str(self.run_dir), mode=mode,
+                project=project, name=run_name or self.run_dir.name, dir=str(self.run_dir), mode=mode, group=group,
                 config=config, id=run_id, resume="allow" if run_id else None,
             )
             id_file.write_text(self.wandb.id)
@@ -97,22 +98,14 @@ class Tracker:
             self.wandb.log({key: wandb.Image(str(path), caption=" | ".join(captions[:16]))}, step=epoch)
         return path
 
-    def log_before_after(self, before: np.ndarray, after: np.ndarray, captions: list[str], epoch: int) -> Path:
-        """run_dir/before_after.png: in blocks of 8 columns, a row of `before` images above the row
-        of `after` images of the same prompts; also logged to W&B as eval/before_after."""
-        columns = 8
-        rows = []
-        for start in range(0, len(before), columns):
-            rows += [before[start:start + columns], after[start:start + columns]]
-        width = min(columns, len(before))
-        padded = [np.concatenate([row, np.full((width - len(row), *row.shape[1:]), 255, np.uint8)]) if len(row) < width else row for row in rows]
-        path = self.run_dir / "before_after.png"
-        Image.fromarray(image_grid(np.concatenate(padded), columns=width)).save(path)
+    def log_picture(self, key: str, picture: Image.Image, caption: str, epoch: int, filename: str) -> Path:
+        """Save a labelled picture as run_dir/`filename` and log it to W&B under `key`."""
+        path = self.run_dir / filename
+        picture.save(path)
         if self.wandb is not None:
             import wandb
 
-            caption = "top: before training, bottom: epoch %d | " % epoch + " | ".join(captions)
-            self.wandb.log({"eval/before_after": wandb.Image(str(path), caption=caption)}, step=epoch)
+            self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=epoch)
         return path
 
     def save_samples(self, epoch: int, rows: list[dict]) -> None:

@@ -157,6 +157,8 @@ class Trainer:
         self.eval_items = [item for item in eval_items for _ in range(config.eval.samples_per_prompt)]
         self.sources = SourceImages(config.sample.resolution)
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
+        if config.eval.pass_fail is not None and config.eval.pass_fail not in self.rewards.components:
+            raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} is not a reward component; the components are: {', '.join(self.rewards.components)}")
 
         # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
         unused = getattr(adapter_class(config.model.adapter), "find_unused_parameters", False)
@@ -214,7 +216,8 @@ class Trainer:
         from rl.tracking import NullTracker, Tracker
 
         self.tracker = (
-            Tracker(config.run_dir, mode=config.log.wandb_mode, project=config.log.project, run_name=config.log.run_name, config=to_dict(config), resume_epoch=resume_epoch)
+            Tracker(config.run_dir, mode=config.log.wandb_mode, project=config.log.project, run_name=config.log.run_name, config=to_dict(config), resume_epoch=resume_epoch,
+                    group=config.log.group)
             if acc.is_main_process
             else NullTracker()
         )

@@ -65,6 +65,8 @@ NONSENSE = [
     ("rewards.jpeg_compressibility.timeout_s=0", "rewards.jpeg_compressibility.timeout_s"),
     ("rewards.jpeg_compressibility.retries=0", "rewards.jpeg_compressibility.retries"),
     ("reward_mix.uncertainty_strength=-1", "reward_mix.uncertainty_strength"),
+    ("reward_mix.floor=0.4", "reward_mix.floor"),  # a Base-and-Bonus constant on a weighted sum: ignored
+    ("eval.pass_fail=shapes_geneval/strict", "eval.pass_fail"),  # no such reward in this config
 ]
 
 
@@ -104,3 +106,11 @@ def test_the_cli_exits_2_in_seconds_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("config error:") and "`train.learning_rate` = -1" in result.stderr
     assert time.monotonic() - start < 30
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_pass_fail_component_the_reward_does_not_have_stops_the_cli_before_any_model_loads(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rl.train", str(BASE), "eval.pass_fail=jpeg_compressibility/strict", f"run_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error:") and "`eval.pass_fail` = 'jpeg_compressibility/strict'" in last and "jpeg_incompressibility" in last

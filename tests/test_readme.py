@@ -20,7 +20,9 @@ def test_readme_starts_with_the_two_setup_commands():
     lines = [line for line in (ROOT / "README.md").read_text().splitlines()[:6] if line.startswith("    ")]
     assert len(lines) == 2
     demo, tests = lines
-    assert "pip install" in demo and re.search(r"python -m rl\.train configs/\S+\.yaml", demo)
+    found = re.search(r"python -m rl\.sweep (configs/\S+\.yaml)$", demo)
+    assert "pip install" in demo and found, demo
+    assert (ROOT / found.group(1)).is_file()
     assert "pip install" in tests and "pytest" in tests
     assert "torchvision" not in demo + tests
     ci = (ROOT / ".ci" / "run").read_text()

@@ -125,25 +125,42 @@ def test_committed_model_draws_the_shapes_domain():
 
 
 def test_demo_config_end_to_end_shortened(tmp_path):
-    """configs/demo.yaml as shipped, shortened: held-out strict accuracy is logged before training
-    and at the end, printed as a change, and the before/after grid is a PNG in the run directory
-    and in the (offline) W&B run."""
+    """configs/demo.yaml (the Base-and-Bonus run of the demo sweep) as shipped, shortened: held-out
+    scores are logged before training and at the end and printed as changes, and before_after.png
+    (also in the offline W&B run) frames each image pass or fail as the checker, run again on the
+    picture's own pixels, judges it."""
     from PIL import Image
+
+    from rewards.base import RewardBatch
+    from rewards.shapes_geneval import ShapesGenEval
+    from rl.pictures import FAIL, PASS, Row, labelled_grid
 
     run_dir = tmp_path / "demo"
     result = run_cli([
         "configs/demo.yaml", f"run_dir={run_dir}", "num_epochs=2", "sample.num_groups=2", "sample.group_size=4",
-        "sample.batch_size=8", "train.batch_size=4", "eval.num_prompts=4", "eval.samples_per_prompt=2", "eval.batch_size=8",
+        "sample.batch_size=8", "train.batch_size=4", "eval.num_prompts=6", "eval.samples_per_prompt=2", "eval.batch_size=8",
     ])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {row["epoch"]: row for row in rows if "eval/shapes_geneval/strict" in row}
     assert sorted(evals) == [0, 2]
     for row in evals.values():
         assert 0.0 <= row["eval/shapes_geneval/strict"] <= row["eval/shapes_geneval/partial"] <= 1.0
-    assert "reward/jpeg_compressibility/mean" in rows[1] and rows[1]["reward/jpeg_compressibility/is_monitor"] == 1.0
+    assert rows[1]["reward/jpeg_compressibility/is_monitor"] == 0.0 and rows[1]["reward/shapes_geneval/partial/is_monitor"] == 1.0
     before, after = evals[0]["eval/shapes_geneval/strict"], evals[2]["eval/shapes_geneval/strict"]
     assert f"eval/shapes_geneval/strict: {before:.4f} -> {after:.4f}" in result.stdout
 
-    grid = Image.open(run_dir / "before_after.png")
-    assert grid.size == (4 * 66 + 2, 2 * 66 + 2)  # 4 prompts; before row above after row
+    picture = np.asarray(Image.open(run_dir / "before_after.png").convert("RGB"))
+    captions = json.loads((run_dir / "images" / "eval_shown.json").read_text())["captions"]
+    eval_lines = [line for line in (ROOT / "configs" / "prompts" / "shapes_eval.txt").read_text().splitlines() if line.strip()]
+    assert captions == list(dict.fromkeys(eval_lines[:6]))  # 6 prompts: each distinct one is shown, once
+    # Where each image sits depends only on the captions and the image size: lay out blanks to find them.
+    blank = np.zeros((len(captions), 64, 64, 3), np.uint8)
+    marks = np.zeros(len(captions))
+    _, boxes = labelled_grid([Row("a", blank, marks), Row("b", blank, marks)], captions, title="t", pass_name="p")
+    checker = ShapesGenEval()
+    for row_boxes in boxes:
+        shown = np.stack([picture[top:bottom:2, left:right:2] for left, top, right, bottom in row_boxes])
+        strict = checker(RewardBatch(images=shown, prompts=captions)).scores["strict"]
+        frames = [tuple(picture[top - 1, left - 1]) for left, top, _, _ in row_boxes]
+        assert frames == [PASS if s == 1 else FAIL for s in strict], (frames, strict)
     assert list(Path(run_dir / "wandb").rglob("before_after*.png")), "grid not logged to W&B"
