@@ -354,7 +354,12 @@ def what_happened(outcome: Outcome) -> str:
         parts.append("Monitors that rose: " + "; ".join(f"{c.name} {format_change(c)}" for c in rose) + ". ")
     trained = [c for c in outcome.changes if c.role == "train"]
     if trained:
-        parts.append("Trained components: " + "; ".join(f"{c.name} {format_change(c)}" for c in trained) + ".")
+        parts.append("Trained components: " + "; ".join(f"{c.name} {format_change(c)}" for c in trained) + ". ")
+        up = [c.name for c in trained if c.z is not None and c.z > 2]
+        down = [c.name for c in trained if c.z is not None and c.z < -2]
+        if up and down:
+            parts.append(f"They pulled apart: {', '.join(up)} rose while {', '.join(down)} fell; "
+                         "the policy bought one at the price of the other.")
     return "".join(parts).strip()
 
 

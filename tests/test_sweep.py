@@ -101,6 +101,12 @@ def test_the_demo_sweep_trains_compressibility_alone_then_strict_gating_compress
     a, b = (to_dict(c) for c in configs)
     assert {k for k in a if a[k] != b[k]} == {"rewards", "reward_mix", "run_dir"}
     assert configs[0].eval.pass_fail == "shapes_geneval/strict"
+    # demo_mixes.yaml is the demo plus FIRM's normalised 0.5 / 0.5 sum, its first two runs the demo's own.
+    mixes = load_sweep(ROOT / "configs" / "sweeps" / "demo_mixes.yaml", ["run_dir=/nonexistent/mixes"])
+    assert [v.name for v in mixes.variants] == ["compressibility", "base_bonus", "normalized_sum"]
+    assert [v.overrides for v in mixes.variants[:2]] == [v.overrides for v in sweep.variants]
+    third = load_config(mixes.base, mixes.variants[2].overrides)
+    assert third.reward_mix.group_normalize and {k: s.weight for k, s in third.rewards.items()} == {"shapes_geneval": 0.5, "jpeg_compressibility": 0.5}
 
 
 def write_run(run_dir: Path, before: dict, after: dict, roles: dict, last_epoch: int = 12) -> None:
@@ -122,7 +128,12 @@ def test_the_report_says_which_critic_was_gamed_which_held_and_which_run_failed(
               {"reward": (0.13, 0.01), "jpeg": (-0.0030, 0.00004), "geneval/strict": (0.229, 0.016), "geneval/partial": (0.444, 0.016)},
               {"jpeg": "train", "geneval/strict": "train", "geneval/partial": "monitor"})
     outcomes = []
-    cases = ((gamed, 0, ""), (held, 0, ""), (tmp_path / "broken", 4, "reward error: judge unreachable"), (tmp_path / "unevaluated", 0, ""))
+    traded = tmp_path / "traded"
+    write_run(traded, {"reward": (0.12, None), "jpeg": (-0.0031, None), "geneval/strict": (0.25, None)},
+              {"reward": (0.01, 0.02), "jpeg": (-0.0025, 0.00003), "geneval/strict": (0.02, 0.04)},
+              {"jpeg": "train", "geneval/strict": "train"})
+    cases = ((gamed, 0, ""), (held, 0, ""), (tmp_path / "broken", 4, "reward error: judge unreachable"), (tmp_path / "unevaluated", 0, ""),
+             (traded, 0, ""))
     for run_dir, code, error in cases:
         outcome = Outcome(Variant(run_dir.name, "", [], run_dir), exit_code=code, error=error)
         outcome.epochs, outcome.changes = read_changes(run_dir)
@@ -138,7 +149,9 @@ def test_the_report_says_which_critic_was_gamed_which_held_and_which_run_failed(
     assert "gamed" not in words[1]
     assert words[2].startswith("broken failed (exit code 4): reward error: judge unreachable.")
     assert words[3].startswith("unevaluated finished but left no evaluation before and after training to compare")
-    assert [o.failed for o in outcomes] == [False, False, True, False]
+    assert [o.failed for o in outcomes] == [False, False, True, False, False]
+    assert "the trained reward fell" in words[4] and "They pulled apart: jpeg rose while geneval/strict fell" in words[4]
+    assert "pulled apart" not in words[0] + words[1]
 
     lines = table(outcomes).splitlines()
     assert "| gamed | geneval/strict | monitor | 0.227 | 0.000 | -0.227 | 0.034 | -6.7 |" in lines
