@@ -141,6 +141,8 @@ class TrainConfig:
     """PPO clip range eps on the probability ratio."""
     beta: NonNegative = 0.04
     """Weight of the KL to the reference policy (0 disables it and the reference forward)."""
+    grpo_guard: bool = False
+    """GRPO-Guard: the clipped surrogate on the normalised log-ratio mean_d[eps (mean_theta - mean_old)], on one scale at every step whatever its noise, and each step's policy loss divided by its dt (published with clip_range 2e-6 to 4e-6 and beta 0)."""
     max_grad_norm: Positive = 1.0
     """Gradient-norm clip (set once; under DeepSpeed it becomes the engine's gradient_clipping)."""
     adv_clip: Positive = 5.0

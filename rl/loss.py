@@ -6,11 +6,13 @@ import torch
 
 
 def grpo_step_loss(
-    log_prob: torch.Tensor,
-    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor | None,
+    old_log_prob: torch.Tensor | None,
     advantages: torch.Tensor,
     *,
     clip_range: float,
+    log_ratio: torch.Tensor | None = None,
+    policy_scale: float = 1.0,
     beta: float = 0.0,
     mean: torch.Tensor | None = None,
     ref_mean: torch.Tensor | None = None,
@@ -27,15 +29,19 @@ def grpo_step_loss(
     sample_weights: [B] optional; the loss is then sum(w_i * loss_i) instead of the batch mean
     (the trainer uses it to leave samples out and to normalise over a global minibatch).
 
+    log_ratio: [B] used instead of log_prob - old_log_prob when given (GRPO-Guard's normalised
+    ratio, rl.forward.guard_log_ratio); policy_scale multiplies the clipped surrogate (Guard
+    divides each step's by its dt), not the KL.
+
     Returns the scalar loss and detached per-batch metrics (approx_kl is the usual
     0.5 * (logp - logp_old)^2 estimator; clipfrac the share of ratios outside the clip range).
     """
     advantages = advantages.float()
-    log_ratio = log_prob.float() - old_log_prob.float()
+    log_ratio = (log_prob.float() - old_log_prob.float()) if log_ratio is None else log_ratio.float()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_sample_policy = torch.maximum(unclipped, clipped)
+    per_sample_policy = policy_scale * torch.maximum(unclipped, clipped)
     per_sample_kl = torch.zeros_like(per_sample_policy)
     if beta > 0:
         if mean is None or ref_mean is None or kl_scale is None:

@@ -26,6 +26,7 @@ class Rollout:
     latents: torch.Tensor  # [B, T, ...] state before each trained step, float32
     next_latents: torch.Tensor  # [B, T, ...] state after each trained step, float32
     log_probs: torch.Tensor  # [B, T] log-prob of each trained transition when sampled
+    means: torch.Tensor  # [B, T, ...] mean of each trained transition when sampled (keep_means), else [B, 0]
     images: torch.Tensor  # [B, H, W, 3] uint8, CPU
     step_indices: list[int]  # [T] sampling-step index of each trained step
     sigmas: torch.Tensor  # [num_steps + 1] the schedule used
@@ -90,6 +91,7 @@ def rollout(
     progress: bool = False,
     desc: str = "rollout",
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    keep_means: bool = False,
 ) -> Rollout:
     """Sample len(sample_ids) images in batches of batch_size.
 
@@ -97,12 +99,13 @@ def rollout(
     sample's row. Steps in sde_steps are stochastic and recorded; the others are ODE steps.
     With sde_steps empty this is the deterministic ODE sampler used for evaluation.
     on_batch(first_index, images) is called as soon as a batch is decoded, so rewards can be
-    scored while the next batch samples.
+    scored while the next batch samples. keep_means also records each trained transition's
+    mean (GRPO-Guard's ratio needs the sampling policy's).
     """
     sigmas = policy.sigmas(num_steps, resolution).to(policy.device)
     sde_set = set(int(i) for i in sde_steps)
     step_indices = sorted(sde_set)
-    out_latents, out_next, out_logp, out_images = [], [], [], []
+    out_latents, out_next, out_logp, out_means, out_images = [], [], [], [], []
     count = int(sample_ids.shape[0])
     for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress, leave=False):
         ids = sample_ids[start : start + batch_size]
@@ -110,13 +113,14 @@ def rollout(
         batch_cond = cond.take(rows)
         generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, epoch, int(i))) for i in ids]
         x = policy.initial_noise(generators, resolution, batch_cond)
-        before, after, logps = [], [], []
+        before, after, logps, means = [], [], [], []
         for i in range(num_steps):
             if i in sde_set:
                 step = transition(policy, x, sigmas[i], sigmas[i + 1], sigmas[1], batch_cond, guidance_scale, sde, generators=generators)
                 before.append(x)
                 after.append(step.prev_sample)
                 logps.append(step.log_prob)
+                means.append(step.mean)
                 x = step.prev_sample
             else:
                 v = policy.velocity(x, sigmas[i].expand(x.shape[0]), batch_cond, guidance_scale)
@@ -128,6 +132,8 @@ def rollout(
             out_latents.append(torch.stack(before, dim=1))
             out_next.append(torch.stack(after, dim=1))
             out_logp.append(torch.stack(logps, dim=1))
+            if keep_means:
+                out_means.append(torch.stack(means, dim=1))
     empty = torch.empty(count, 0)
     return Rollout(
         sample_ids=sample_ids,
@@ -136,6 +142,7 @@ def rollout(
         latents=torch.cat(out_latents) if out_latents else empty,
         next_latents=torch.cat(out_next) if out_next else empty,
         log_probs=torch.cat(out_logp) if out_logp else empty,
+        means=torch.cat(out_means) if out_means else empty,
         images=torch.cat(out_images),
         step_indices=step_indices,
         sigmas=sigmas,

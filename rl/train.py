@@ -31,6 +31,7 @@ from rl.advantages import group_advantages
 from rl.config import ConfigError, RunConfig, load_config, to_dict
 from rl.data import DataError, Item, draw_prompt_indices, load_source_image, read_items
 from rl.layout import EpochLayout, seeded_generator
+from rl.forward import guard_log_ratio
 from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
@@ -335,7 +336,7 @@ class Trainer:
                 seed=config.seed, epoch=epoch, num_steps=config.sample.num_steps,
                 guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
-                progress=self.show, on_batch=score_async,
+                progress=self.show, on_batch=score_async, keep_means=config.train.grpo_guard,
             )
         return Sampled(batch, cond, items, pending, {"time/rollout_s": time.perf_counter() - start})
 
@@ -526,10 +527,16 @@ class Trainer:
         if config.train.beta > 0:
             with torch.no_grad(), self.policy.reference() as reference:
                 ref_mean = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents, network=reference).mean
+        guard = {}
+        if config.train.grpo_guard:
+            # GRPO-Guard: the ratio from the step's own noise, on one scale at every step, and the
+            # step's policy loss divided by its dt.
+            old_mean = batch.means[rows, j].to(acc.device)
+            guard = {"log_ratio": guard_log_ratio(step.mean, old_mean, next_latents, step.std), "policy_scale": 1.0 / float(sigma - sigma_next)}
         loss, out = grpo_step_loss(
             step.log_prob, batch.log_probs[rows, j].to(acc.device), advantages,
             clip_range=config.train.clip_range, beta=config.train.beta, mean=step.mean, ref_mean=ref_mean,
-            kl_scale=kl_scale(step.std, sigma, sigma_next), sample_weights=weights,
+            kl_scale=kl_scale(step.std, sigma, sigma_next), sample_weights=weights, **guard,
         )
         acc.backward(loss)
         return out

@@ -133,3 +133,18 @@ def test_sample_weights_give_weighted_sum():
     uniform, _ = grpo_step_loss(lp.detach(), old, adv, clip_range=EPS, sample_weights=torch.full((4,), 0.25))
     mean_loss, _ = grpo_step_loss(lp.detach(), old, adv, clip_range=EPS)
     assert uniform.item() == pytest.approx(mean_loss.item(), rel=1e-6)
+
+
+def test_guard_log_ratio_replaces_the_log_prob_difference_and_policy_scale_multiplies_the_surrogate():
+    """GRPO-Guard's path: the given log-ratio is clipped like any other, the surrogate is scaled
+    (by 1 / dt in the trainer) and the KL is not. By hand, clip 1e-3: ratio e^0.001 with A = 1 is
+    clipped to 1.001 (term -1.001); e^-0.002 with A = -1 is clipped to 0.999 (term 0.999)."""
+    adv = torch.tensor([1.0, -1.0])
+    log_ratio = torch.tensor([0.001, -0.002])
+    mean, ref_mean, scale = torch.zeros(2, 3), torch.full((2, 3), 0.1), torch.full((2, 1), 0.5)
+    loss, metrics = grpo_step_loss(None, None, adv, clip_range=1e-3, log_ratio=log_ratio, policy_scale=10.0,
+                                   beta=0.5, mean=mean, ref_mean=ref_mean, kl_scale=scale)
+    kl = 0.1**2 / (2 * 0.5**2)
+    assert metrics["policy_loss"].item() == pytest.approx(10.0 * (-1.001 + 0.999) / 2, abs=1e-6)  # float32
+    assert loss.item() == pytest.approx(10.0 * (-1.001 + 0.999) / 2 + 0.5 * kl, abs=1e-6)
+    assert metrics["clipfrac"].item() == 1.0

@@ -5,6 +5,7 @@ with 2 denoising steps, in this process."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,28 @@ def test_ema_updates_every_ema_every_optimizer_steps(tiny_sd3, tmp_path):
     assert global_step == 4 and len(states) == 5
     changed = [step for step in range(1, 5) if any(not torch.equal(a, b) for a, b in zip(states[step - 1], states[step]))]
     assert changed == [2, 4]
+
+
+def test_grpo_guard_is_on_policy_first_and_scales_each_step_by_its_dt(tiny_sd3, tmp_path):
+    """train.grpo_guard: the rollout keeps each trained step's mean, so the first pass's Guard
+    ratio is 1 (on-policy). On-policy, the plain gradient is -A grad mean_d[eps / s grad mean]
+    and Guard's is -A mean_d[eps grad mean] / dt: the same direction, s / dt times as long (the
+    same rollouts and advantages: Guard does not change sampling). A second inner pass sees the
+    moved weights."""
+    from rl.sde import flow_sde_step
+
+    one = ["num_epochs=1", "train.num_minibatches=1", "sample.num_steps=2", "sde.window=all", "train.beta=0"]
+    plain = make_trainer(tiny_sd3, tmp_path / "plain", *one).policy_gradient(1, 1)
+    trainer = make_trainer(tiny_sd3, tmp_path / "guard", *one, "train.grpo_guard=true")
+    guard = trainer.policy_gradient(1, 1)
+    sigmas = trainer.policy.sigmas(2, 64)
+    zeros = torch.zeros(1, 4)
+    s = float(flow_sde_step(zeros, zeros, sigmas[0], sigmas[1], noise_level=0.7, sigma_max=sigmas[1], prev_sample=zeros).std.flatten()[0])
+    factor = s / float(sigmas[0] - sigmas[1])
+    flat_plain = torch.cat([g.flatten() for g in plain.values()]).double()
+    flat_guard = torch.cat([g.flatten() for g in guard.values()]).double()
+    assert flat_plain.norm() > 0
+    torch.testing.assert_close(flat_guard, factor * flat_plain, rtol=1e-3, atol=1e-6 * float(flat_guard.abs().max()))
+    metrics = run_metrics(make_trainer(tiny_sd3, tmp_path / "twice", *one, "train.grpo_guard=true", "train.inner_epochs=2"))[0]
+    assert metrics["train/onpolicy_ratio_err"] < 1e-5
+    assert metrics["train/approx_kl"] > 1e-12 and math.isfinite(metrics["train/policy_loss"])
