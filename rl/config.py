@@ -99,6 +99,8 @@ class SampleConfig:
     """Classifier-free guidance scale (>= 1); 1.0 disables CFG (one forward instead of two). Training uses the same guidance."""
     resolution: Annotated[int, Field(ge=16, multiple_of=16)] = 512
     """Image height and width in pixels."""
+    same_initial_noise: bool = False
+    """Start every sample of a group from the same initial noise (flow_grpo's same_latent); the SDE noise stays each sample's own, so a group's images differ only through the stochastic steps."""
 
 
 @dataclass

@@ -41,6 +41,9 @@ def sample_seed(seed: int, epoch: int, sample_id: int, stream: int = 0) -> int:
     return int(state[0] & np.uint64(2**63 - 1))
 
 
+GROUP_NOISE = 1  # the seed stream of a group's shared initial noise (sample streams are 0)
+
+
 @dataclass
 class SDESettings:
     dynamics: str
@@ -92,6 +95,7 @@ def rollout(
     desc: str = "rollout",
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     keep_means: bool = False,
+    same_initial_noise: bool = False,
 ) -> Rollout:
     """Sample len(sample_ids) images in batches of batch_size.
 
@@ -100,7 +104,9 @@ def rollout(
     With sde_steps empty this is the deterministic ODE sampler used for evaluation.
     on_batch(first_index, images) is called as soon as a batch is decoded, so rewards can be
     scored while the next batch samples. keep_means also records each trained transition's
-    mean (GRPO-Guard's ratio needs the sampling policy's).
+    mean (GRPO-Guard's ratio needs the sampling policy's). same_initial_noise starts every
+    sample of a group from one initial noise, seeded by (seed, epoch, group id); each sample's
+    SDE noise stays its own.
     """
     sigmas = policy.sigmas(num_steps, resolution).to(policy.device)
     sde_set = set(int(i) for i in sde_steps)
@@ -112,7 +118,12 @@ def rollout(
         rows = prompt_rows[start : start + batch_size]
         batch_cond = cond.take(rows)
         generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, epoch, int(i))) for i in ids]
-        x = policy.initial_noise(generators, resolution, batch_cond)
+        if same_initial_noise:
+            groups = group_ids[start : start + batch_size]
+            shared = [torch.Generator("cpu").manual_seed(sample_seed(seed, epoch, int(g), stream=GROUP_NOISE)) for g in groups]
+            x = policy.initial_noise(shared, resolution, batch_cond)
+        else:
+            x = policy.initial_noise(generators, resolution, batch_cond)
         before, after, logps, means = [], [], [], []
         for i in range(num_steps):
             if i in sde_set:

@@ -337,6 +337,7 @@ class Trainer:
                 guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
                 progress=self.show, on_batch=score_async, keep_means=config.train.grpo_guard,
+                same_initial_noise=config.sample.same_initial_noise,
             )
         return Sampled(batch, cond, items, pending, {"time/rollout_s": time.perf_counter() - start})
 

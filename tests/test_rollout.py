@@ -222,3 +222,27 @@ def test_steps_outside_the_window_are_deterministic_ode_steps(policy, stock_sd3)
     expected = np.round(stock_sd3.image_processor.postprocess(decoded, output_type="np") * 255).astype(np.uint8)
     diff = pixel_diff(out.images, expected)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_same_initial_noise_is_shared_within_a_group_and_only_there(policy):
+    """same_initial_noise: with ODE steps only, the start decides the image, so the samples of one
+    group are the same image and two groups of the same prompt are not; with SDE steps a group's
+    samples still explore; the shared start depends on (seed, epoch, group), not on the batch."""
+    cond = policy.encode(PROMPTS)
+    rows, ids, groups = torch.zeros(4, dtype=torch.long), torch.tensor([5, 6, 7, 8]), torch.tensor([3, 3, 4, 4])
+
+    def sample(sde_steps, batch_size=4, **kwargs):
+        return rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, resolution=RESOLUTION,
+                       batch_size=batch_size, sde=SDE, sde_steps=sde_steps, same_initial_noise=True, **kwargs)
+
+    ode = sample([])
+    assert torch.equal(ode.images[0], ode.images[1]) and torch.equal(ode.images[2], ode.images[3])
+    assert pixel_diff(ode.images[0], ode.images[2]).max() > 10
+    one_by_one = sample([], batch_size=1)
+    assert pixel_diff(one_by_one.images, ode.images).max() <= 1
+    sde = sample([0, 1, 2])
+    assert pixel_diff(sde.images[0], sde.images[1]).max() > 10
+    # Without the option every sample has its own start.
+    own = rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, resolution=RESOLUTION,
+                  batch_size=4, sde=SDE, sde_steps=[])
+    assert pixel_diff(own.images[0], own.images[1]).max() > 10
