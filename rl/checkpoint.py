@@ -5,6 +5,7 @@ A checkpoint folder `run_dir/checkpoints/epoch-NNNNNN/` holds:
   `pipe.load_lora_weights` reads), safetensors;
 - `trainer_state.json`: epoch, optimizer steps, seed and the run's id;
 - `scheduler.json` (the LR schedule's state) and, with an EMA, `ema.safetensors` + `ema.json`;
+  with train.objective nft, `old_policy.safetensors` (the sampling policy's trainable weights);
 - what accelerate saves itself: the optimizer state (`optimizer.bin`) and each rank's RNG state
   (`random_states_N.pkl`), both read back with `torch.load(weights_only=True)`, which refuses any
   pickled code; under DeepSpeed, DeepSpeed's own sharded files (read by DeepSpeed's loader, which
@@ -35,6 +36,7 @@ TRAINER_STATE = "trainer_state.json"
 TRAINABLE = "trainable"
 SCHEDULER_STATE = "scheduler.json"
 EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
+OLD_WEIGHTS = "old_policy.safetensors"  # DiffusionNFT's sampling (old) policy
 OPTIMIZER_STATE = "optimizer.bin"  # accelerate's name for the first optimizer's state
 
 
@@ -57,7 +59,8 @@ def register_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(_skip_model_load)
 
 
-def save_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, state: dict, keep: int, *, scheduler, ema=None) -> Path:
+def save_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, state: dict, keep: int, *, scheduler, ema=None,
+                    old: list[torch.Tensor] | None = None) -> Path:
     """Write the checkpoint of `state["epoch"]`; `state` carries the run's id (`run_id`)."""
     from safetensors.torch import save_file
 
@@ -85,6 +88,8 @@ def save_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, state
             shadow = ema_state.pop("shadow_params")
             save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, str(tmp / EMA_WEIGHTS))
             (tmp / EMA_STATE).write_text(json.dumps(ema_state))
+        if old is not None:
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(old)}, str(tmp / OLD_WEIGHTS))
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -118,7 +123,7 @@ def prune(root: Path, run_id: str | None, keep: int, *, written: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def problem(path: Path, *, ema: bool, deepspeed: bool) -> str | None:
+def problem(path: Path, *, ema: bool, deepspeed: bool, old: bool = False) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None when it is intact."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -127,11 +132,11 @@ def problem(path: Path, *, ema: bool, deepspeed: bool) -> str | None:
         return "missing"
     if _trainer_state(path) is None:
         return f"{TRAINER_STATE} is missing or unreadable"
-    required = [SCHEDULER_STATE] + ([EMA_WEIGHTS, EMA_STATE] if ema else []) + ([] if deepspeed else [OPTIMIZER_STATE])
+    required = [SCHEDULER_STATE] + ([EMA_WEIGHTS, EMA_STATE] if ema else []) + ([OLD_WEIGHTS] if old else []) + ([] if deepspeed else [OPTIMIZER_STATE])
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         return f"missing {', '.join(missing)}"
-    weights = sorted((path / TRAINABLE).glob("*.safetensors")) + ([path / EMA_WEIGHTS] if ema else [])
+    weights = sorted((path / TRAINABLE).glob("*.safetensors")) + ([path / EMA_WEIGHTS] if ema else []) + ([path / OLD_WEIGHTS] if old else [])
     if not any(p.parent.name == TRAINABLE for p in weights):
         return f"no weights in {TRAINABLE}/"
     for file in weights:
@@ -160,7 +165,7 @@ def problem(path: Path, *, ema: bool, deepspeed: bool) -> str | None:
     return None
 
 
-def resumable_checkpoint(run_dir: str | Path, *, ema: bool, deepspeed: bool) -> tuple[Path, list[str]]:
+def resumable_checkpoint(run_dir: str | Path, *, ema: bool, deepspeed: bool, old: bool = False) -> tuple[Path, list[str]]:
     """The checkpoint to resume from: `latest` if intact, else the newest intact one by epoch.
     Returns it and one line per broken checkpoint passed over; raises CheckpointError if none."""
     root = Path(run_dir) / "checkpoints"
@@ -173,7 +178,7 @@ def resumable_checkpoint(run_dir: str | Path, *, ema: bool, deepspeed: bool) -> 
     candidates += [p for p in sorted(root.glob("epoch-*"), reverse=True) if p not in candidates]
     skipped = []
     for path in candidates:
-        why = problem(path, ema=ema, deepspeed=deepspeed)
+        why = problem(path, ema=ema, deepspeed=deepspeed, old=old)
         if why is None:
             return path, skipped
         skipped.append(f"{path}: {why}")
@@ -191,7 +196,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return root / pointer.read_text().strip()
 
 
-def load_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, *, scheduler, ema=None) -> tuple[dict, Path, list[str]]:
+def load_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, *, scheduler, ema=None,
+                    old: list[torch.Tensor] | None = None) -> tuple[dict, Path, list[str]]:
     """Restore the newest intact checkpoint: returns its trainer state, its path, and the broken
     checkpoints passed over."""
     import pickle
@@ -199,7 +205,7 @@ def load_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, *, sc
     from safetensors.torch import load_file
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    path, skipped = resumable_checkpoint(run_dir, ema=ema is not None, deepspeed=deepspeed)
+    path, skipped = resumable_checkpoint(run_dir, ema=ema is not None, deepspeed=deepspeed, old=old is not None)
     try:
         accelerator.load_state(str(path), **({"load_module_strict": False} if deepspeed else {}))
     except pickle.UnpicklingError as err:
@@ -217,6 +223,12 @@ def load_checkpoint(accelerator: Accelerator, policy, run_dir: str | Path, *, sc
     if ema is not None:
         shadow = load_file(str(path / EMA_WEIGHTS))
         ema.load_state_dict({**json.loads((path / EMA_STATE).read_text()), "shadow_params": [shadow[str(i)].to(accelerator.device) for i in range(len(shadow))]})
+    if old is not None:
+        saved = load_file(str(path / OLD_WEIGHTS))
+        if len(saved) != len(old):
+            raise CheckpointError(f"resume: {path / OLD_WEIGHTS} holds {len(saved)} tensors, the policy has {len(old)} trainable ones")
+        for i, tensor in enumerate(old):
+            tensor.copy_(saved[str(i)].to(tensor.device))
     return _trainer_state(path), path, skipped
 
 

@@ -196,3 +196,16 @@ def guard_log_ratio(mean_theta: torch.Tensor, mean_old: torch.Tensor, next_laten
     s = std if std.ndim == mean_theta.ndim else _per_sample(std, mean_theta)
     eps = (next_latent.float() - mean_old.float()) / s.float()
     return mean_d(eps * (mean_theta.float() - mean_old.float()))
+
+
+def nft_train_steps(num_steps: int) -> int:
+    """Timesteps each sample trains on per epoch: the first 99 % of a random permutation of the
+    rollout's num_steps timesteps (9 of 10), at least one."""
+    return max(1, int(num_steps * 0.99))
+
+
+def nft_old_decay(optimizer_steps: int) -> float:
+    """DiffusionNFT's old (sampling) policy follows the trained one after each epoch as
+    old <- d old + (1 - d) theta with d = min(0.001 * optimizer steps so far, 0.5): it tracks the
+    trained weights closely early on and lags by at most half later."""
+    return min(0.001 * optimizer_steps, 0.5)

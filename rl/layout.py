@@ -15,11 +15,15 @@ import numpy as np
 import torch
 
 from rl.config import ConfigError, RunConfig
+from rl.forward import nft_train_steps
 from rl.sde import sde_step_indices
 
 
 def num_trained_steps(config: RunConfig) -> int:
-    """Trained steps per sample; fixed for a run so gradient accumulation is fixed too."""
+    """Trained steps per sample; fixed for a run so gradient accumulation is fixed too (nft: the
+    forward-process timesteps each sample trains on)."""
+    if config.train.objective == "nft":
+        return nft_train_steps(config.sample.num_steps)
     sde = config.sde
     return len(sde_step_indices(config.sample.num_steps, sde.window, steps=sde.steps, window_size=sde.window_size, window_range=sde.window_range))
 

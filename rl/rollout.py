@@ -27,6 +27,7 @@ class Rollout:
     next_latents: torch.Tensor  # [B, T, ...] state after each trained step, float32
     log_probs: torch.Tensor  # [B, T] log-prob of each trained transition when sampled
     means: torch.Tensor  # [B, T, ...] mean of each trained transition when sampled (keep_means), else [B, 0]
+    final_latents: torch.Tensor  # [B, ...] the clean latent each sample ends at (keep_final), else [B, 0]
     images: torch.Tensor  # [B, H, W, 3] uint8, CPU
     step_indices: list[int]  # [T] sampling-step index of each trained step
     sigmas: torch.Tensor  # [num_steps + 1] the schedule used
@@ -96,6 +97,7 @@ def rollout(
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     keep_means: bool = False,
     same_initial_noise: bool = False,
+    keep_final: bool = False,
 ) -> Rollout:
     """Sample len(sample_ids) images in batches of batch_size.
 
@@ -106,12 +108,13 @@ def rollout(
     scored while the next batch samples. keep_means also records each trained transition's
     mean (GRPO-Guard's ratio needs the sampling policy's). same_initial_noise starts every
     sample of a group from one initial noise, seeded by (seed, epoch, group id); each sample's
-    SDE noise stays its own.
+    SDE noise stays its own. keep_final records each sample's final (clean) latent, what the
+    forward-process objectives train on.
     """
     sigmas = policy.sigmas(num_steps, resolution).to(policy.device)
     sde_set = set(int(i) for i in sde_steps)
     step_indices = sorted(sde_set)
-    out_latents, out_next, out_logp, out_means, out_images = [], [], [], [], []
+    out_latents, out_next, out_logp, out_means, out_final, out_images = [], [], [], [], [], []
     count = int(sample_ids.shape[0])
     for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress, leave=False):
         ids = sample_ids[start : start + batch_size]
@@ -136,6 +139,8 @@ def rollout(
             else:
                 v = policy.velocity(x, sigmas[i].expand(x.shape[0]), batch_cond, guidance_scale)
                 x = ode_step(v, x, sigmas[i], sigmas[i + 1])
+        if keep_final:
+            out_final.append(x.float())
         out_images.append(policy.decode(x, batch_cond))
         if on_batch is not None:
             on_batch(start, out_images[-1])
@@ -154,6 +159,7 @@ def rollout(
         next_latents=torch.cat(out_next) if out_next else empty,
         log_probs=torch.cat(out_logp) if out_logp else empty,
         means=torch.cat(out_means) if out_means else empty,
+        final_latents=torch.cat(out_final) if out_final else empty,
         images=torch.cat(out_images),
         step_indices=step_indices,
         sigmas=sigmas,

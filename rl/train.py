@@ -16,6 +16,7 @@ ranks, normalised per group, this rank's slice) -> update -> evaluate -> log -> 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ from rl.advantages import group_advantages
 from rl.config import ConfigError, RunConfig, load_config, to_dict
 from rl.data import DataError, Item, draw_prompt_indices, load_source_image, read_items
 from rl.layout import EpochLayout, seeded_generator
-from rl.forward import guard_log_ratio
+from rl.forward import guard_log_ratio, nft_loss, nft_old_decay, nft_optimality, noised
 from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
@@ -125,6 +126,25 @@ class NonFiniteRun:
         self.in_a_row = 0
 
 
+@contextlib.contextmanager
+def swapped_weights(params: list[torch.nn.Parameter], values: list[torch.Tensor] | None):
+    """Within this context `params` hold `values` (None: unchanged); restored after. No gradient
+    flows through the swap: forward passes inside it are for values only."""
+    if values is None:
+        yield
+        return
+    kept = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, kept):
+                p.copy_(v)
+
+
 def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
     """Indices of the trained samples among rows first..first+size: samples of dropped groups
     (zero advantage, zero weight) add nothing to the loss, so their forward and backward passes
@@ -200,6 +220,9 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.policy.trainable_parameters(), decay=t.ema_decay)
+        # DiffusionNFT samples with an old policy that follows the trained one after each epoch
+        # (rl.forward.nft_old_decay); its trainable weights are kept here and swapped in.
+        self.old = [p.detach().clone() for p in self.policy.trainable_parameters()] if t.objective == "nft" else None
         # The schedule and the EMA are saved by rl.checkpoint as JSON and safetensors, not
         # registered with accelerate (which would pickle them and unpickle them on resume).
         checkpoint.register_hooks(acc)
@@ -209,7 +232,7 @@ class Trainer:
         self.start_epoch, self.start_step = 1, 0  # first epoch to run, optimizer steps taken before it
         resume_epoch = None
         if config.resume:
-            state, path, skipped = checkpoint.load_checkpoint(acc, self.policy, config.resume, scheduler=self.scheduler, ema=self.ema)
+            state, path, skipped = checkpoint.load_checkpoint(acc, self.policy, config.resume, scheduler=self.scheduler, ema=self.ema, old=self.old)
             for line in skipped:
                 acc.print(f"trustgrpo: resume passes over a broken checkpoint: {line}")
             self.start_epoch, self.start_step = state["epoch"] + 1, state["global_step"]
@@ -250,6 +273,8 @@ class Trainer:
         ds["train_batch_size"] = self.config.train.batch_size * self.layout.grad_accum_steps * self.layout.world_size
         if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and self.config.train.ema:
             raise ConfigError("train.ema is not supported with ZeRO-3 (weights are partitioned); set train.ema=false")
+        if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and self.config.train.objective == "nft":
+            raise ConfigError("train.objective nft keeps an old copy of the trainable weights, which ZeRO-3 partitions; use ZeRO-2 or DDP")
 
     # ------------------------------------------------------------------ the loop
 
@@ -330,14 +355,14 @@ class Trainer:
             batch = reward_batch(images, [items[r] for r in picked], [sources[r] for r in picked] if sources is not None else None)
             pending.append(self.executor.submit(self.rewards.score, batch))
 
-        with torch.no_grad():
+        with torch.no_grad(), swapped_weights(self.policy.trainable_parameters(), self.old):
             batch = rollout(
                 self.policy, cond, rows, drawn.sample_ids, drawn.group_ids,
                 seed=config.seed, epoch=epoch, num_steps=config.sample.num_steps,
                 guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
                 progress=self.show, on_batch=score_async, keep_means=config.train.grpo_guard,
-                same_initial_noise=config.sample.same_initial_noise,
+                same_initial_noise=config.sample.same_initial_noise, keep_final=self.old is not None,
             )
         return Sampled(batch, cond, items, pending, {"time/rollout_s": time.perf_counter() - start})
 
@@ -433,7 +458,10 @@ class Trainer:
         m, W = layout.per_rank_minibatch, layout.world_size
         # Global trained count of each minibatch, from the gathered mask: every rank knows it.
         counts = adv.all_trained.view(W, layout.num_minibatches, m).sum(dim=(0, 2))
-        sums = {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
+        nft = t.objective == "nft"
+        sums = {"policy_loss": 0.0, "kl": 0.0} if nft else {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
+        draws = self.forward_draws(epoch, batch) if nft else None
+        steps = list(range(layout.trained_steps)) if nft else batch.step_indices
         terms, ratio_err, grad_norms, first_update_done, skipped = 0, 0.0, [], False, 0
         params = self.policy.trainable_parameters()
         progress = tqdm(total=t.inner_epochs * layout.num_minibatches, desc="train", disable=not self.show, leave=False)
@@ -449,13 +477,17 @@ class Trainer:
                     rows = _trained_rows(trained, first, t.batch_size)
                     weights = trained[rows].float().to(device) * scale
                     cond = sampled.cond.take(batch.prompt_rows[rows])
-                    for j, step_index in enumerate(batch.step_indices):
+                    for j, step_index in enumerate(steps):
                         with acc.accumulate(self.policy.transformer):
-                            out = self._train_step(batch, rows, j, step_index, sigmas, cond, adv.advantages[rows].to(device), weights)
-                            if not first_update_done:
+                            if nft:
+                                out = self._nft_step(batch, rows, j, draws, cond, adv.advantages[rows].to(device), weights)
+                            else:
+                                out = self._train_step(batch, rows, j, step_index, sigmas, cond, adv.advantages[rows].to(device), weights)
+                            if not first_update_done and "ratio_err" in out:
                                 ratio_err = max(ratio_err, float(out["ratio_err"]))
-                            for key in sums:
-                                sums[key] += float(out[key])
+                            for key, value in out.items():
+                                if key != "ratio_err":
+                                    sums[key] = sums.get(key, 0.0) + float(value)
                             terms += 1
                             finite = True
                             if acc.sync_gradients and not self.deepspeed:
@@ -479,8 +511,16 @@ class Trainer:
                             self._after_optimizer_step(global_step, grad_norms)
         progress.close()
         self.policy.transformer.eval()
+        if nft:
+            decay = nft_old_decay(global_step)
+            with torch.no_grad():
+                for old, p in zip(self.old, params):
+                    old.mul_(decay).add_(p.detach(), alpha=1 - decay)
         metrics = {f"train/{key}": self.ranks.mean(total / max(terms, 1)) for key, total in sums.items()}
-        metrics["train/onpolicy_ratio_err"] = self.ranks.max(ratio_err)
+        if nft:
+            metrics["train/nft_old_decay"] = decay
+        else:
+            metrics["train/onpolicy_ratio_err"] = self.ranks.max(ratio_err)
         metrics["train/nonfinite_skipped_steps"] = skipped
         metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
@@ -495,6 +535,8 @@ class Trainer:
         as in epoch `noise_epoch`, so the same prompts can be sampled again with new noise."""
         if self.layout.world_size != 1:
             raise RuntimeError("policy_gradient runs in a single process")
+        if self.config.train.objective != "grpo":
+            raise RuntimeError("policy_gradient measures the GRPO objective (train.objective grpo)")
         drawn = self.draw(prompt_epoch)
         sampled = self.roll_out(noise_epoch, drawn)
         adv = self.advantages(noise_epoch, drawn, sampled, self.score(sampled))
@@ -542,6 +584,41 @@ class Trainer:
         acc.backward(loss)
         return out
 
+    def forward_draws(self, epoch: int, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """DiffusionNFT's forward-process draws for this rank's samples: per sample, the sigmas
+        of the first T timesteps of a random permutation of the rollout's, and fresh noise for
+        each; seeded by (seed, epoch, sample id), so they do not depend on the rank."""
+        T, num_steps = self.layout.trained_steps, self.config.sample.num_steps
+        sigmas = batch.sigmas.cpu()
+        shape = batch.final_latents.shape[1:]
+        t, eps = torch.empty(len(batch), T), torch.empty(len(batch), T, *shape)
+        for i, sample_id in enumerate(batch.sample_ids.tolist()):
+            g = seeded_generator(self.config.seed, epoch, 5, sample_id)
+            t[i] = sigmas[torch.randperm(num_steps, generator=g)[:T]]
+            eps[i] = torch.randn(T, *shape, generator=g)
+        return t, eps
+
+    def _nft_step(self, batch: Rollout, rows, j, draws, cond, advantages, weights) -> dict:
+        """Forward and backward of DiffusionNFT's loss of samples `rows` at their j-th forward-process
+        draw: x_t from the clean latent, the old policy's and the reference's velocities without
+        gradients, then the trained one; all CFG-free."""
+        config, acc, t = self.config, self.accelerator, self.config.train
+        x0 = batch.final_latents[rows].to(acc.device)
+        sigma, eps = draws[0][rows, j].to(acc.device), draws[1][rows, j].to(acc.device)
+        x_t = noised(x0, eps, sigma)
+        with torch.no_grad():
+            with swapped_weights(self.policy.trainable_parameters(), self.old):
+                v_old = self.policy.velocity(x_t, sigma, cond, 1.0)
+            v_ref = None
+            if t.beta > 0:
+                with self.policy.reference() as reference:
+                    v_ref = self.policy.velocity(x_t, sigma, cond, 1.0, network=reference)
+        v_theta = self.policy.velocity(x_t, sigma, cond, 1.0)
+        optimality = nft_optimality(advantages, t.nft_optimality, t.adv_clip)
+        loss, out = nft_loss(v_theta, v_old, x_t, x0, sigma, optimality, beta=t.nft_beta, kl=t.beta, v_ref=v_ref, sample_weights=weights)
+        acc.backward(loss)
+        return out
+
     def _after_optimizer_step(self, global_step: int, grad_norms: list[float]) -> None:
         """The learning-rate schedule steps once per optimizer step; the EMA every train.ema_every.
         Weights that the step made non-finite stop the run here, before anything saves them."""
@@ -568,15 +645,18 @@ class Trainer:
         state = {"epoch": epoch, "global_step": global_step, "seed": self.config.seed, "run_id": self.run_id}
         path = self.checkpoint.save_checkpoint(
             self.accelerator, self.policy, self.config.run_dir, state, keep=self.config.log.keep_checkpoints,
-            scheduler=self.scheduler, ema=self.ema,
+            scheduler=self.scheduler, ema=self.ema, old=self.old,
         )
         self.accelerator.print(f"trustgrpo: saved {path}")
 
     def summary(self, epoch: int, metrics: dict) -> str:
         parts = [f"epoch {epoch}", f"reward {metrics['reward/mean']:.5g}"]
-        for key in ("train/approx_kl", "train/clipfrac", "train/onpolicy_ratio_err", "eval/reward", "time/rollout_s", "time/train_s"):
+        shown = {"train/approx_kl": "approx_kl", "train/clipfrac": "clipfrac", "train/onpolicy_ratio_err": "onpolicy_ratio_err",
+                 "train/nft_loss_pos": "nft_loss_pos", "train/nft_loss_neg": "nft_loss_neg", "eval/reward": "eval_reward",
+                 "time/rollout_s": "rollout_s", "time/train_s": "train_s"}
+        for key, label in shown.items():
             if key in metrics:
-                parts.append(f"{key.split('/')[-1]} {metrics[key]:.4g}")
+                parts.append(f"{label} {metrics[key]:.4g}")
         return " | ".join(parts)
 
 

@@ -60,6 +60,21 @@ def test_tiny_edit_config_trains_on_policy(tiny_qwen, tmp_path):
     assert b_norm > 0, "LoRA B matrices are still zero: nothing was trained"
 
 
+
+def test_tiny_edit_config_trains_with_nft(tiny_qwen, tmp_path):
+    """train.objective=nft on the editing config: the clean latents of edits (Qwen-Image-Edit's
+    packed latents, conditioned on the source image) train, losses stay finite, LoRA moves."""
+    run_dir = tmp_path / "edit_nft"
+    run_cli(["configs/tiny_edit_cpu.yaml", "num_epochs=2", "log.progress=false", "train.objective=nft", "train.beta=1e-4"]
+            + overrides(tiny_qwen, run_dir))
+    metrics = [m for m in read_metrics(run_dir) if m["epoch"] >= 1]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for key in ("train/policy_loss", "train/nft_loss_pos", "train/nft_loss_neg", "train/kl"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    assert (run_dir / "checkpoints" / "epoch-000002" / "old_policy.safetensors").is_file()
+    b_norm = max(v.abs().max().item() for k, v in lora(run_dir).items() if "lora_B" in k)
+    assert b_norm > 0, "LoRA B matrices are still zero: nothing was trained"
+
 @pytest.mark.slow
 def test_rewards_depend_on_the_source_image(tiny_qwen, tmp_path):
     """The same instructions and seeds with inverted source images give other rewards."""

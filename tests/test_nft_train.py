@@ -1,0 +1,90 @@
+"""train.objective nft in the trainer: rollouts sample with the old policy, the old policy follows
+the trained one by DiffusionNFT's decay after each epoch, resume restores it exactly, and 1 and 2
+ranks take the same step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import accelerate_launcher, run_cli
+from test_train import FAST, lora_weights, read_metrics, tiny_overrides
+from test_train_schedule import make_trainer, run_metrics
+
+NFT = ["train.objective=nft", "train.beta=1e-4"]
+
+
+def test_nft_trains_and_its_old_policy_follows_by_the_published_decay(tiny_sd3, tmp_path):
+    """After one epoch of s optimizer steps the old weights are d * initial + (1 - d) * trained,
+    d = min(0.001 s, 0.5), computed here from the weights before and after."""
+    trainer = make_trainer(tiny_sd3, tmp_path, "num_epochs=1", "sample.num_steps=4", *NFT)
+    params = trainer.policy.trainable_parameters()
+    initial = [p.detach().clone() for p in params]
+    assert all(torch.equal(o, p) for o, p in zip(trainer.old, initial))  # the old policy starts as the trained one
+    (metrics,) = run_metrics(trainer)
+    steps = metrics["train/global_step"]
+    d = min(0.001 * steps, 0.5)
+    assert steps == 2 and metrics["train/nft_old_decay"] == pytest.approx(d)
+    moved = max((p.detach() - q).abs().max().item() for p, q in zip(params, initial))
+    assert moved > 1e-6
+    for old, before, after in zip(trainer.old, initial, params):
+        torch.testing.assert_close(old, d * before + (1 - d) * after.detach(), rtol=1e-6, atol=1e-8)
+    for key in ("train/policy_loss", "train/kl", "train/nft_loss_pos", "train/nft_loss_neg", "train/optimality"):
+        assert math.isfinite(metrics[key]), key
+    assert "train/onpolicy_ratio_err" not in metrics  # no probability ratio in NFT
+    assert trainer.layout.trained_steps == 3  # 99 % of 4 timesteps
+
+
+def test_nft_samples_with_the_old_policy(tiny_sd3, tmp_path):
+    """A rollout of an nft trainer whose old weights differ from its trained ones draws the images
+    the old weights draw, and leaves the trained weights as they were."""
+    nft = make_trainer(tiny_sd3, tmp_path / "nft", "num_epochs=1", *NFT)
+    grpo = make_trainer(tiny_sd3, tmp_path / "grpo", "num_epochs=1")
+    g = torch.Generator().manual_seed(0)
+    for old in nft.old:
+        old.add_(0.5 * torch.randn(old.shape, generator=g))
+    trained = [p.detach().clone() for p in nft.policy.trainable_parameters()]
+    with torch.no_grad():
+        for p, old in zip(grpo.policy.trainable_parameters(), nft.old):
+            p.copy_(old)
+    images = nft.roll_out(1, nft.draw(1)).batch.images
+    expected = grpo.roll_out(1, grpo.draw(1)).batch.images
+    assert torch.equal(images, expected)
+    assert all(torch.equal(p, q) for p, q in zip(nft.policy.trainable_parameters(), trained))
+    plain = make_trainer(tiny_sd3, tmp_path / "plain", "num_epochs=1").roll_out(1, grpo.draw(1)).batch.images
+    assert not torch.equal(images, plain)  # the perturbation shows: the old weights were used
+
+
+def test_nft_resume_matches_an_uninterrupted_run_and_needs_the_old_policy(tiny_sd3, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["configs/tiny_cpu.yaml", *FAST, *NFT, "eval.every=0", "log.save_every=1", "log.keep_checkpoints=3"]
+    run_cli(common + tiny_overrides(tiny_sd3, whole) + ["num_epochs=3"])
+    run_cli(common + tiny_overrides(tiny_sd3, split) + ["num_epochs=2"])
+    assert (split / "checkpoints" / "epoch-000002" / "old_policy.safetensors").is_file()
+    run_cli(common + tiny_overrides(tiny_sd3, split) + ["num_epochs=3", f"resume={split}"])
+    reference = {m["epoch"]: m for m in read_metrics(whole)}
+    resumed = {m["epoch"]: m for m in read_metrics(split)}
+    for key, value in reference[3].items():
+        if not key.startswith("time/"):
+            assert resumed[3][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    final_whole, final_split = lora_weights(whole), lora_weights(split)
+    for key, value in final_whole.items():
+        assert torch.allclose(final_split[key], value, atol=1e-7), key
+    # A checkpoint without the old policy is not resumable: resume passes over it to the one before.
+    (split / "checkpoints" / "epoch-000003" / "old_policy.safetensors").unlink()
+    result = run_cli(common + tiny_overrides(tiny_sd3, split) + ["num_epochs=3", f"resume={split}"])
+    assert "epoch-000003: missing old_policy.safetensors" in result.stdout
+
+
+@pytest.mark.slow
+def test_nft_two_ranks_match_one_rank(tiny_sd3, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["configs/tiny_cpu.yaml", *FAST, *NFT, "num_epochs=1", "eval.every=0", "log.save_samples=true"]
+    run_cli(common + tiny_overrides(tiny_sd3, one))
+    run_cli(common + tiny_overrides(tiny_sd3, two), launcher=accelerate_launcher("launch/accelerate/cpu_2proc.yaml"))
+    a, b = read_metrics(one)[-1], read_metrics(two)[-1]
+    assert b["train/nft_loss_pos"] == pytest.approx(a["train/nft_loss_pos"], rel=1e-5)
+    lora_one, lora_two = lora_weights(one), lora_weights(two)
+    assert max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one) < 1e-5
