@@ -143,12 +143,18 @@ class TrainConfig:
     """PPO clip range eps on the probability ratio."""
     beta: NonNegative = 0.04
     """Weight of the KL to the reference policy (0 disables it and the reference forward)."""
-    objective: Literal["grpo", "nft"] = "grpo"
-    """grpo: Flow-GRPO's clipped surrogate on the trained SDE steps' log-probs; nft: DiffusionNFT on forward-process samples of each rollout's clean latent (rl/forward.py): the rollout samples with the old policy, training is CFG-free, and train.beta weighs a KL on velocities."""
+    objective: Literal["grpo", "nft", "awm"] = "grpo"
+    """grpo: Flow-GRPO's clipped surrogate on the trained SDE steps' log-probs; nft: DiffusionNFT and awm: Advantage Weighted Matching, both on forward-process samples of each rollout's clean latent (rl/forward.py), CFG-free, with train.beta weighing a KL on velocities (nft samples with an old policy, awm with the current one)."""
     nft_beta: Positive = 1.0
     """nft: how far the implicit positive and negative policies sit from the old one (DiffusionNFT's beta; 1.0 published, 0.1 for OCR and multi-reward runs)."""
     nft_optimality: Literal["linear", "positive_only", "binary"] = "linear"
     """nft: advantage to optimality probability: linear 0.5 + A / (2 adv_clip); positive_only treats below-average samples as neutral; binary uses the sign of A."""
+    awm_steps: Count = 6
+    """awm: timesteps each sample trains on per epoch, one drawn from each of this many equal strata of the rollout's timesteps (at most sample.num_steps)."""
+    awm_weighting: Literal["ghuber", "mse", "t_mse", "t2_mse"] = "ghuber"
+    """awm: the surrogate log-likelihood of a sample from its velocity error (ghuber: -t ((mse + 1e-10)^0.25 - 1e-10^0.25) / 0.25, the published default)."""
+    awm_clip_range: Positive = 1.0
+    """awm: clip range of the likelihood ratio to the sampling policy (1.0 published: rho in [0, 2])."""
     grpo_guard: bool = False
     """GRPO-Guard: the clipped surrogate on the normalised log-ratio mean_d[eps (mean_theta - mean_old)], on one scale at every step whatever its noise, and each step's policy loss divided by its dt (published with clip_range 2e-6 to 4e-6 and beta 0)."""
     max_grad_norm: Positive = 1.0
@@ -451,8 +457,8 @@ def validate(config: RunConfig) -> None:
                 f"`sde.window_range` = {sde.window_range} with sde.window_size = {sde.window_size}: a window starting at {high} "
                 f"runs past the {s.num_steps} sampling steps; every window it can draw must end before step {s.num_steps}"
             )
-    if config.train.objective == "nft" and config.train.grpo_guard:
-        raise ConfigError("`train.grpo_guard` applies to train.objective grpo; DiffusionNFT has no probability ratio to normalise")
+    if config.train.objective != "grpo" and config.train.grpo_guard:
+        raise ConfigError(f"`train.grpo_guard` applies to train.objective grpo, not {config.train.objective}: it normalises the SDE step's probability ratio")
     if config.eval.pass_fail is not None and config.eval.pass_fail.split("/")[0] not in config.rewards:
         raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} names no reward component; components come from: {', '.join(config.rewards)}")
     eval_file = data.eval_prompts or data.eval_edits

@@ -209,3 +209,12 @@ def nft_old_decay(optimizer_steps: int) -> float:
     old <- d old + (1 - d) theta with d = min(0.001 * optimizer steps so far, 0.5): it tracks the
     trained weights closely early on and lags by at most half later."""
     return min(0.001 * optimizer_steps, 0.5)
+
+
+def awm_timesteps(num_steps: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """AWM's timesteps of one sample: the rollout's num_steps step indices split into `count`
+    (at most num_steps) contiguous strata of near-equal size, one index drawn uniformly from each."""
+    count = min(count, num_steps)
+    edges = torch.linspace(0, num_steps, count + 1).round().long()
+    low, high = edges[:-1], edges[1:]
+    return low + (torch.rand(count, generator=generator) * (high - low)).long().clamp_max(high - low - 1)

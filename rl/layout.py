@@ -24,6 +24,8 @@ def num_trained_steps(config: RunConfig) -> int:
     forward-process timesteps each sample trains on)."""
     if config.train.objective == "nft":
         return nft_train_steps(config.sample.num_steps)
+    if config.train.objective == "awm":
+        return min(config.train.awm_steps, config.sample.num_steps)
     sde = config.sde
     return len(sde_step_indices(config.sample.num_steps, sde.window, steps=sde.steps, window_size=sde.window_size, window_range=sde.window_range))
 

@@ -32,7 +32,10 @@ from rl.advantages import group_advantages
 from rl.config import ConfigError, RunConfig, load_config, to_dict
 from rl.data import DataError, Item, draw_prompt_indices, load_source_image, read_items
 from rl.layout import EpochLayout, seeded_generator
-from rl.forward import guard_log_ratio, nft_loss, nft_old_decay, nft_optimality, noised
+from rl.forward import (
+    awm_advantages, awm_log_likelihood, awm_loss, awm_timesteps, guard_log_ratio, mean_d, nft_loss, nft_old_decay,
+    nft_optimality, noised,
+)
 from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
@@ -362,7 +365,7 @@ class Trainer:
                 guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
                 progress=self.show, on_batch=score_async, keep_means=config.train.grpo_guard,
-                same_initial_noise=config.sample.same_initial_noise, keep_final=self.old is not None,
+                same_initial_noise=config.sample.same_initial_noise, keep_final=config.train.objective != "grpo",
             )
         return Sampled(batch, cond, items, pending, {"time/rollout_s": time.perf_counter() - start})
 
@@ -458,10 +461,15 @@ class Trainer:
         m, W = layout.per_rank_minibatch, layout.world_size
         # Global trained count of each minibatch, from the gathered mask: every rank knows it.
         counts = adv.all_trained.view(W, layout.num_minibatches, m).sum(dim=(0, 2))
-        nft = t.objective == "nft"
-        sums = {"policy_loss": 0.0, "kl": 0.0} if nft else {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
-        draws = self.forward_draws(epoch, batch) if nft else None
-        steps = list(range(layout.trained_steps)) if nft else batch.step_indices
+        nft, forward = t.objective == "nft", t.objective != "grpo"
+        sums = {"policy_loss": 0.0, "kl": 0.0} if forward else {"approx_kl": 0.0, "clipfrac": 0.0, "policy_loss": 0.0, "kl": 0.0}
+        draws = self.forward_draws(epoch, batch) if forward else None
+        steps = list(range(layout.trained_steps)) if forward else batch.step_indices
+        old_likelihood = None
+        if t.objective == "awm" and t.inner_epochs * layout.num_minibatches > 1:
+            # The sampling policy's log-likelihoods, before any step moves the weights, computed
+            # on exactly the batches the update will use (so the first pass's ratio is 1).
+            old_likelihood = self.awm_old_likelihoods(sampled, trained, draws)
         terms, ratio_err, grad_norms, first_update_done, skipped = 0, 0.0, [], False, 0
         params = self.policy.trainable_parameters()
         progress = tqdm(total=t.inner_epochs * layout.num_minibatches, desc="train", disable=not self.show, leave=False)
@@ -481,6 +489,9 @@ class Trainer:
                         with acc.accumulate(self.policy.transformer):
                             if nft:
                                 out = self._nft_step(batch, rows, j, draws, cond, adv.advantages[rows].to(device), weights)
+                            elif forward:
+                                old = old_likelihood[rows, j].to(device) if old_likelihood is not None else None
+                                out = self._awm_step(batch, rows, j, draws, cond, adv.advantages[rows].to(device), weights, old)
                             else:
                                 out = self._train_step(batch, rows, j, step_index, sigmas, cond, adv.advantages[rows].to(device), weights)
                             if not first_update_done and "ratio_err" in out:
@@ -585,16 +596,20 @@ class Trainer:
         return out
 
     def forward_draws(self, epoch: int, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """DiffusionNFT's forward-process draws for this rank's samples: per sample, the sigmas
-        of the first T timesteps of a random permutation of the rollout's, and fresh noise for
-        each; seeded by (seed, epoch, sample id), so they do not depend on the rank."""
+        """The forward-process draws of this rank's samples: per sample, the sigmas of T of the
+        rollout's timesteps (nft: the first T of a random permutation; awm: one from each of T
+        strata) and fresh noise for each; seeded by (seed, epoch, sample id), so they do not
+        depend on the rank."""
         T, num_steps = self.layout.trained_steps, self.config.sample.num_steps
         sigmas = batch.sigmas.cpu()
         shape = batch.final_latents.shape[1:]
         t, eps = torch.empty(len(batch), T), torch.empty(len(batch), T, *shape)
         for i, sample_id in enumerate(batch.sample_ids.tolist()):
             g = seeded_generator(self.config.seed, epoch, 5, sample_id)
-            t[i] = sigmas[torch.randperm(num_steps, generator=g)[:T]]
+            if self.config.train.objective == "nft":
+                t[i] = sigmas[torch.randperm(num_steps, generator=g)[:T]]
+            else:
+                t[i] = sigmas[awm_timesteps(num_steps, T, g)]
             eps[i] = torch.randn(T, *shape, generator=g)
         return t, eps
 
@@ -616,6 +631,43 @@ class Trainer:
         v_theta = self.policy.velocity(x_t, sigma, cond, 1.0)
         optimality = nft_optimality(advantages, t.nft_optimality, t.adv_clip)
         loss, out = nft_loss(v_theta, v_old, x_t, x0, sigma, optimality, beta=t.nft_beta, kl=t.beta, v_ref=v_ref, sample_weights=weights)
+        acc.backward(loss)
+        return out
+
+    def awm_old_likelihoods(self, sampled: Sampled, trained: torch.Tensor, draws) -> torch.Tensor:
+        """AWM's log-likelihood of every trained (sample, timestep) under the weights that
+        sampled them, [n, T] (NaN where not trained), on the update's own batches."""
+        batch, t, layout = sampled.batch, self.config.train, self.layout
+        device = self.accelerator.device
+        out = torch.full((len(batch), layout.trained_steps), float("nan"), dtype=torch.float64)
+        with torch.no_grad():
+            for first in range(0, len(batch), t.batch_size):
+                rows = _trained_rows(trained, first, t.batch_size)
+                cond = sampled.cond.take(batch.prompt_rows[rows])
+                x0 = batch.final_latents[rows].to(device)
+                for j in range(layout.trained_steps):
+                    sigma, eps = draws[0][rows, j].to(device), draws[1][rows, j].to(device)
+                    v = self.policy.velocity(noised(x0, eps, sigma), sigma, cond, 1.0)
+                    mse = mean_d((v.double() - (eps - x0).double()) ** 2)
+                    out[rows, j] = awm_log_likelihood(mse, sigma, t.awm_weighting).cpu()
+        return out
+
+    def _awm_step(self, batch: Rollout, rows, j, draws, cond, advantages, weights, old_likelihood) -> dict:
+        """Forward and backward of AWM's loss of samples `rows` at their j-th forward-process draw
+        (CFG-free; the reference's velocity without gradients when train.beta > 0)."""
+        acc, t = self.accelerator, self.config.train
+        x0 = batch.final_latents[rows].to(acc.device)
+        sigma, eps = draws[0][rows, j].to(acc.device), draws[1][rows, j].to(acc.device)
+        x_t = noised(x0, eps, sigma)
+        v_ref = None
+        if t.beta > 0:
+            with torch.no_grad(), self.policy.reference() as reference:
+                v_ref = self.policy.velocity(x_t, sigma, cond, 1.0, network=reference)
+        v_theta = self.policy.velocity(x_t, sigma, cond, 1.0)
+        loss, out = awm_loss(
+            v_theta, eps - x0, sigma, awm_advantages(advantages, t.adv_clip), old_log_likelihood=old_likelihood,
+            clip_range=t.awm_clip_range, weighting=t.awm_weighting, beta_ref=t.beta, v_ref=v_ref, sample_weights=weights,
+        )
         acc.backward(loss)
         return out
 
@@ -652,7 +704,8 @@ class Trainer:
     def summary(self, epoch: int, metrics: dict) -> str:
         parts = [f"epoch {epoch}", f"reward {metrics['reward/mean']:.5g}"]
         shown = {"train/approx_kl": "approx_kl", "train/clipfrac": "clipfrac", "train/onpolicy_ratio_err": "onpolicy_ratio_err",
-                 "train/nft_loss_pos": "nft_loss_pos", "train/nft_loss_neg": "nft_loss_neg", "eval/reward": "eval_reward",
+                 "train/nft_loss_pos": "nft_loss_pos", "train/nft_loss_neg": "nft_loss_neg", "train/awm_mse": "awm_mse",
+                 "eval/reward": "eval_reward",
                  "time/rollout_s": "rollout_s", "time/train_s": "train_s"}
         for key, label in shown.items():
             if key in metrics:

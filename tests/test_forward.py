@@ -175,3 +175,17 @@ def test_guard_log_ratio_by_hand_and_against_the_gaussian_log_ratio():
              - torch.distributions.Normal(mu_old.double(), s[:, None].double()).log_prob(x.double()))
     first_order = exact + (mu - mu_old).double() ** 2 / (2 * s[:, None].double() ** 2)
     np.testing.assert_allclose(guard_log_ratio(mu, mu_old, x, s).numpy(), (s[:, None] * first_order).mean(dim=1).numpy(), rtol=1e-5)
+
+
+def test_awm_timesteps_draw_one_index_from_each_stratum():
+    from rl.forward import awm_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    strata = [(0, 2), (2, 3), (3, 5), (5, 7), (7, 8), (8, 10)]  # 10 steps in 6 near-equal strata
+    seen = set()
+    for _ in range(200):
+        drawn = awm_timesteps(10, 6, g).tolist()
+        assert all(low <= i < high for i, (low, high) in zip(drawn, strata)), drawn
+        seen.update(drawn)
+    assert seen == set(range(10))
+    assert sorted(awm_timesteps(4, 6, g).tolist()) == [0, 1, 2, 3]  # never more than the rollout's steps

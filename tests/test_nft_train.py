@@ -1,6 +1,6 @@
-"""train.objective nft in the trainer: rollouts sample with the old policy, the old policy follows
-the trained one by DiffusionNFT's decay after each epoch, resume restores it exactly, and 1 and 2
-ranks take the same step."""
+"""train.objective nft and awm in the trainer: nft's rollouts sample with the old policy, which
+follows the trained one by DiffusionNFT's decay after each epoch and which resume restores
+exactly; awm's first pass is on-policy; 1 and 2 ranks take the same step."""
 
 from __future__ import annotations
 
@@ -78,13 +78,32 @@ def test_nft_resume_matches_an_uninterrupted_run_and_needs_the_old_policy(tiny_s
     assert "epoch-000003: missing old_policy.safetensors" in result.stdout
 
 
+AWM = ["train.objective=awm", "train.beta=1e-3", "train.awm_steps=3"]
+
+
+def test_awm_trains_on_policy_first_and_moves_the_weights(tiny_sd3, tmp_path):
+    """Two minibatches per epoch: the sampling policy's likelihoods are kept before the first step,
+    so the first pass's ratio is 1 and the second sees the moved weights."""
+    trainer = make_trainer(tiny_sd3, tmp_path, "num_epochs=1", "sample.num_steps=4", *AWM)
+    initial = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    (metrics,) = run_metrics(trainer)
+    assert trainer.layout.trained_steps == 3 and metrics["train/global_step"] == 2
+    assert metrics["train/onpolicy_ratio_err"] < 1e-5
+    for key in ("train/policy_loss", "train/kl", "train/awm_mse", "train/clipfrac"):
+        assert math.isfinite(metrics[key]), key
+    moved = max((p.detach() - q).abs().max().item() for p, q in zip(trainer.policy.trainable_parameters(), initial))
+    assert moved > 1e-6
+
+
 @pytest.mark.slow
-def test_nft_two_ranks_match_one_rank(tiny_sd3, tmp_path):
+@pytest.mark.parametrize("overrides, metric", [(NFT, "train/nft_loss_pos"), (AWM, "train/awm_mse")], ids=["nft", "awm"])
+def test_forward_objectives_on_two_ranks_match_one_rank(tiny_sd3, tmp_path, overrides, metric):
+    """Forward-process draws are seeded per sample, not per rank: 1 and 2 gloo ranks take the same step."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["configs/tiny_cpu.yaml", *FAST, *NFT, "num_epochs=1", "eval.every=0", "log.save_samples=true"]
+    common = ["configs/tiny_cpu.yaml", *FAST, *overrides, "num_epochs=1", "eval.every=0"]
     run_cli(common + tiny_overrides(tiny_sd3, one))
     run_cli(common + tiny_overrides(tiny_sd3, two), launcher=accelerate_launcher("launch/accelerate/cpu_2proc.yaml"))
     a, b = read_metrics(one)[-1], read_metrics(two)[-1]
-    assert b["train/nft_loss_pos"] == pytest.approx(a["train/nft_loss_pos"], rel=1e-5)
+    assert b[metric] == pytest.approx(a[metric], rel=1e-5)
     lora_one, lora_two = lora_weights(one), lora_weights(two)
     assert max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one) < 1e-5
