@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -190,8 +189,9 @@ def command(sweep: Sweep, variant: Variant, launcher: str) -> list[str]:
     args = ["-m", "rl.train", str(sweep.base), *variant.overrides, f"run_dir={variant.run_dir}",
             f"log.group={sweep.group}", f"log.run_name={sweep.name}/{variant.name}"]
     if launcher == "accelerate":
-        accelerate = shutil.which("accelerate") or "accelerate"
-        return [accelerate, "launch", *(["--config_file", sweep.accelerate_config] if sweep.accelerate_config else []), *args]
+        # `accelerate launch` through this interpreter: the same environment whatever PATH holds.
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        return [*launch, *(["--config_file", sweep.accelerate_config] if sweep.accelerate_config else []), *args]
     return [sys.executable, *args]
 
 

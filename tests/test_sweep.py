@@ -235,3 +235,30 @@ def test_a_sweep_runs_each_variant_goes_on_past_a_failure_and_compares_them(tmp_
     # Both training runs and the comparison are W&B runs of one group.
     groups = {wandb_group(d) for d in (folder / "compressibility" / "wandb", folder / "wandb")}
     assert groups == {report["group"]} and report["group"].startswith("sweep-")
+
+
+@pytest.mark.slow
+def test_the_accelerate_launcher_runs_each_variant_on_several_ranks(tiny_sd3, tmp_path):
+    """launcher: accelerate (what auto picks where CUDA is) with an accelerate config: each
+    variant is one `accelerate launch`, here on 2 CPU ranks, and is compared like any other."""
+    path = write_sweep(tmp_path, {
+        "base": str(TINY), "run_dir": str(tmp_path / "sweep"), "launcher": "accelerate",
+        "accelerate_config": str(ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"),
+        "overrides": {"model.pretrained": str(tiny_sd3), "model.max_sequence_length": 32, "num_epochs": 1,
+                      "sample.num_groups": 2, "sample.group_size": 4, "sample.batch_size": 2, "sample.num_steps": 4,
+                      "train.batch_size": 2, "train.num_minibatches": 2, "eval.num_prompts": 4, "eval.num_steps": 4,
+                      "eval.batch_size": 2, "log.progress": False},
+        "variants": {"two_ranks": {}},
+    })
+    sweep = load_sweep(path)
+    from rl.sweep import command
+
+    cmd = command(sweep, sweep.variants[0], "accelerate")
+    assert cmd[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate" / "cpu_2proc.yaml")]
+    assert cmd[5:8] == ["-m", "rl.train", str(TINY)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "rl.sweep", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "over 2 rank(s)" in result.stdout
+    report = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
+    assert report["runs"][0]["exit_code"] == 0 and report["runs"][0]["epochs"] == [0, 1]
