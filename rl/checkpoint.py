@@ -5,7 +5,8 @@ A checkpoint folder `run_dir/checkpoints/epoch-NNNNNN/` holds:
   `pipe.load_lora_weights` reads), safetensors;
 - `trainer_state.json`: epoch, optimizer steps, seed and the run's id;
 - `scheduler.json` (the LR schedule's state) and, with an EMA, `ema.safetensors` + `ema.json`;
-  with train.objective nft, `old_policy.safetensors` (the sampling policy's trainable weights);
+  with train.objective nft or awm's EMA regulariser, `old_policy.safetensors` (the lagged copy of
+  the trainable weights: nft's sampling policy, awm's EMA);
 - what accelerate saves itself: the optimizer state (`optimizer.bin`) and each rank's RNG state
   (`random_states_N.pkl`), both read back with `torch.load(weights_only=True)`, which refuses any
   pickled code; under DeepSpeed, DeepSpeed's own sharded files (read by DeepSpeed's loader, which
@@ -36,7 +37,7 @@ TRAINER_STATE = "trainer_state.json"
 TRAINABLE = "trainable"
 SCHEDULER_STATE = "scheduler.json"
 EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
-OLD_WEIGHTS = "old_policy.safetensors"  # DiffusionNFT's sampling (old) policy
+OLD_WEIGHTS = "old_policy.safetensors"  # the lagged copy: DiffusionNFT's sampling (old) policy, AWM's EMA
 OPTIMIZER_STATE = "optimizer.bin"  # accelerate's name for the first optimizer's state
 
 

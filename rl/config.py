@@ -155,6 +155,12 @@ class TrainConfig:
     """awm: the surrogate log-likelihood of a sample from its velocity error (ghuber: -t ((mse + 1e-10)^0.25 - 1e-10^0.25) / 0.25, the published default)."""
     awm_clip_range: Positive = 1.0
     """awm: clip range of the likelihood ratio to the sampling policy (1.0 published: rho in [0, 2])."""
+    awm_ema_weight: NonNegative = 1.0
+    """awm: weight of the regulariser mean_d (v_theta - v_ema)^2 toward an EMA copy of the trained weights that follows them after each epoch with d = min(0.001 optimizer steps, train.awm_ema_max_decay) (AWM's published 1.0 and 0.3); 0 turns it off and keeps no copy."""
+    awm_ema_max_decay: Fraction = 0.3
+    """awm: the cap of that EMA's decay (0.3 published)."""
+    kl: Optional[Literal["latent", "velocity"]] = None
+    """What the KL to the reference (weight train.beta) is measured on. latent: Flow-GRPO's mean_d (mu_theta - mu_ref)^2 / (2 s_t^2) between the SDE step's Gaussian means, grpo only; velocity: mean_d (v_theta - v_ref)^2 between the velocities (guided, for grpo), the same scale at every step. Unset: latent for grpo, velocity for nft and awm (their only choice)."""
     grpo_guard: bool = False
     """GRPO-Guard: the clipped surrogate on the normalised log-ratio mean_d[eps (mean_theta - mean_old)], on one scale at every step whatever its noise, and each step's policy loss divided by its dt (published with clip_range 2e-6 to 4e-6 and beta 0)."""
     max_grad_norm: Positive = 1.0
@@ -457,6 +463,8 @@ def validate(config: RunConfig) -> None:
                 f"`sde.window_range` = {sde.window_range} with sde.window_size = {sde.window_size}: a window starting at {high} "
                 f"runs past the {s.num_steps} sampling steps; every window it can draw must end before step {s.num_steps}"
             )
+    if config.train.objective != "grpo" and config.train.kl == "latent":
+        raise ConfigError(f"`train.kl` latent measures the SDE step's Gaussian means, which train.objective {config.train.objective} does not have; use train.kl=velocity (or leave it unset)")
     if config.train.objective != "grpo" and config.train.grpo_guard:
         raise ConfigError(f"`train.grpo_guard` applies to train.objective grpo, not {config.train.objective}: it normalises the SDE step's probability ratio")
     if config.eval.pass_fail is not None and config.eval.pass_fail.split("/")[0] not in config.rewards:

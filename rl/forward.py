@@ -204,11 +204,16 @@ def nft_train_steps(num_steps: int) -> int:
     return max(1, int(num_steps * 0.99))
 
 
+def lagged_decay(optimizer_steps: int, cap: float) -> float:
+    """The decay d of a lagged copy of the trained weights, moved after each epoch as
+    lagged <- d lagged + (1 - d) theta with d = min(0.001 * optimizer steps so far, cap): it tracks
+    the trained weights closely early on and lags by at most `cap` later."""
+    return min(0.001 * optimizer_steps, cap)
+
+
 def nft_old_decay(optimizer_steps: int) -> float:
-    """DiffusionNFT's old (sampling) policy follows the trained one after each epoch as
-    old <- d old + (1 - d) theta with d = min(0.001 * optimizer steps so far, 0.5): it tracks the
-    trained weights closely early on and lags by at most half later."""
-    return min(0.001 * optimizer_steps, 0.5)
+    """DiffusionNFT's old (sampling) policy: the lagged copy with cap 0.5."""
+    return lagged_decay(optimizer_steps, 0.5)
 
 
 def awm_timesteps(num_steps: int, count: int, generator: torch.Generator) -> torch.Tensor:

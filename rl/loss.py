@@ -17,6 +17,8 @@ def grpo_step_loss(
     mean: torch.Tensor | None = None,
     ref_mean: torch.Tensor | None = None,
     kl_scale: torch.Tensor | None = None,
+    velocity: torch.Tensor | None = None,
+    ref_velocity: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate plus beta * KL to the reference policy, averaged over the batch.
@@ -24,7 +26,10 @@ def grpo_step_loss(
     log_prob, old_log_prob, advantages: [B]. mean, ref_mean: [B, ...] transition means under the
     current and the reference policy; kl_scale: [B, 1, ...] the noise scale s_t (see
     rl.sde.kl_scale). The KL between the two Gaussian transitions is
-    mean((mean - ref_mean)^2) / (2 s_t^2) per sample (Flow-GRPO's convention).
+    mean((mean - ref_mean)^2) / (2 s_t^2) per sample (Flow-GRPO's convention). Given velocity
+    and ref_velocity ([B, ...], the step's guided velocities) instead, the KL is measured on them:
+    mean((velocity - ref_velocity)^2) per sample (Flow-Factory's v-based KL), the same at every
+    step whatever its noise.
 
     sample_weights: [B] optional; the loss is then sum(w_i * loss_i) instead of the batch mean
     (the trainer uses it to leave samples out and to normalise over a global minibatch).
@@ -43,9 +48,14 @@ def grpo_step_loss(
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_sample_policy = policy_scale * torch.maximum(unclipped, clipped)
     per_sample_kl = torch.zeros_like(per_sample_policy)
-    if beta > 0:
+    if beta > 0 and velocity is not None:
+        if ref_velocity is None:
+            raise ValueError("a velocity KL needs ref_velocity")
+        elementwise = (velocity.float() - ref_velocity.float()) ** 2
+        per_sample_kl = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
+    elif beta > 0:
         if mean is None or ref_mean is None or kl_scale is None:
-            raise ValueError("beta > 0 needs mean, ref_mean and kl_scale")
+            raise ValueError("beta > 0 needs mean, ref_mean and kl_scale (or velocity and ref_velocity)")
         elementwise = (mean.float() - ref_mean.float()) ** 2 / (2 * kl_scale.float() ** 2)
         per_sample_kl = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
     per_sample = per_sample_policy + beta * per_sample_kl

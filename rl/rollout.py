@@ -69,11 +69,12 @@ def transition(
     batch shapes, so that the first inner step is exactly on-policy."""
     batch = latents.shape[0]
     velocity = policy.velocity(latents, sigma.expand(batch), cond, guidance_scale, network=network)
-    return flow_sde_step(
+    step = flow_sde_step(
         velocity, latents, sigma, sigma_next,
         noise_level=sde.noise_level, sigma_max=sigma_max, prev_sample=prev_sample,
         generator=list(generators) if generators is not None else None, dynamics=sde.dynamics,
     )
+    return step._replace(velocity=velocity)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ class SDEStep(NamedTuple):
     log_prob: torch.Tensor  # [B] mean Gaussian log-density of prev_sample per element
     mean: torch.Tensor  # [B, ...] mean of the transition
     std: torch.Tensor  # [B, 1, ...] standard deviation of the transition (broadcastable)
+    velocity: torch.Tensor | None = None  # [B, ...] the (guided) velocity the step took, where the caller keeps it
 
 
 def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:

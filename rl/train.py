@@ -33,7 +33,7 @@ from rl.config import ConfigError, RunConfig, load_config, to_dict
 from rl.data import DataError, Item, draw_prompt_indices, load_source_image, read_items
 from rl.layout import EpochLayout, seeded_generator
 from rl.forward import (
-    awm_advantages, awm_log_likelihood, awm_loss, awm_timesteps, guard_log_ratio, mean_d, nft_loss, nft_old_decay,
+    awm_advantages, awm_log_likelihood, awm_loss, awm_timesteps, guard_log_ratio, lagged_decay, mean_d, nft_loss, nft_old_decay,
     nft_optimality, noised,
 )
 from rl.loss import grpo_step_loss
@@ -223,9 +223,11 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.policy.trainable_parameters(), decay=t.ema_decay)
-        # DiffusionNFT samples with an old policy that follows the trained one after each epoch
-        # (rl.forward.nft_old_decay); its trainable weights are kept here and swapped in.
-        self.old = [p.detach().clone() for p in self.policy.trainable_parameters()] if t.objective == "nft" else None
+        # A lagged copy of the trainable weights that follows the trained ones after each epoch
+        # (rl.forward.lagged_decay), swapped in where it is used: DiffusionNFT samples with it (its
+        # old policy), AWM regularises toward it (its EMA). Saved and restored with checkpoints.
+        lagged = t.objective == "nft" or (t.objective == "awm" and t.awm_ema_weight > 0)
+        self.old = [p.detach().clone() for p in self.policy.trainable_parameters()] if lagged else None
         # The schedule and the EMA are saved by rl.checkpoint as JSON and safetensors, not
         # registered with accelerate (which would pickle them and unpickle them on resume).
         checkpoint.register_hooks(acc)
@@ -358,7 +360,8 @@ class Trainer:
             batch = reward_batch(images, [items[r] for r in picked], [sources[r] for r in picked] if sources is not None else None)
             pending.append(self.executor.submit(self.rewards.score, batch))
 
-        with torch.no_grad(), swapped_weights(self.policy.trainable_parameters(), self.old):
+        sampler = self.old if self.config.train.objective == "nft" else None  # NFT samples with its old policy
+        with torch.no_grad(), swapped_weights(self.policy.trainable_parameters(), sampler):
             batch = rollout(
                 self.policy, cond, rows, drawn.sample_ids, drawn.group_ids,
                 seed=config.seed, epoch=epoch, num_steps=config.sample.num_steps,
@@ -522,15 +525,16 @@ class Trainer:
                             self._after_optimizer_step(global_step, grad_norms)
         progress.close()
         self.policy.transformer.eval()
-        if nft:
-            decay = nft_old_decay(global_step)
+        lagged = {}
+        if self.old is not None:
+            decay = nft_old_decay(global_step) if nft else lagged_decay(global_step, t.awm_ema_max_decay)
             with torch.no_grad():
                 for old, p in zip(self.old, params):
                     old.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            lagged = {"train/nft_old_decay" if nft else "train/awm_ema_decay": decay}
         metrics = {f"train/{key}": self.ranks.mean(total / max(terms, 1)) for key, total in sums.items()}
-        if nft:
-            metrics["train/nft_old_decay"] = decay
-        else:
+        metrics.update(lagged)
+        if not nft:
             metrics["train/onpolicy_ratio_err"] = self.ranks.max(ratio_err)
         metrics["train/nonfinite_skipped_steps"] = skipped
         metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
@@ -577,10 +581,15 @@ class Trainer:
         sigma, sigma_next = sigmas[step_index], sigmas[step_index + 1]
         guidance = config.sample.guidance_scale
         step = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents)
-        ref_mean = None
+        ref = None
         if config.train.beta > 0:
             with torch.no_grad(), self.policy.reference() as reference:
-                ref_mean = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents, network=reference).mean
+                ref = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents, network=reference)
+        kl = {}
+        if ref is not None and config.train.kl == "velocity":
+            kl = {"velocity": step.velocity, "ref_velocity": ref.velocity}
+        elif ref is not None:
+            kl = {"mean": step.mean, "ref_mean": ref.mean, "kl_scale": kl_scale(step.std, sigma, sigma_next)}
         guard = {}
         if config.train.grpo_guard:
             # GRPO-Guard: the ratio from the step's own noise, on one scale at every step, and the
@@ -589,8 +598,7 @@ class Trainer:
             guard = {"log_ratio": guard_log_ratio(step.mean, old_mean, next_latents, step.std), "policy_scale": 1.0 / float(sigma - sigma_next)}
         loss, out = grpo_step_loss(
             step.log_prob, batch.log_probs[rows, j].to(acc.device), advantages,
-            clip_range=config.train.clip_range, beta=config.train.beta, mean=step.mean, ref_mean=ref_mean,
-            kl_scale=kl_scale(step.std, sigma, sigma_next), sample_weights=weights, **guard,
+            clip_range=config.train.clip_range, beta=config.train.beta, sample_weights=weights, **kl, **guard,
         )
         acc.backward(loss)
         return out
@@ -659,14 +667,19 @@ class Trainer:
         x0 = batch.final_latents[rows].to(acc.device)
         sigma, eps = draws[0][rows, j].to(acc.device), draws[1][rows, j].to(acc.device)
         x_t = noised(x0, eps, sigma)
-        v_ref = None
-        if t.beta > 0:
-            with torch.no_grad(), self.policy.reference() as reference:
-                v_ref = self.policy.velocity(x_t, sigma, cond, 1.0, network=reference)
+        v_ref = v_ema = None
+        with torch.no_grad():
+            if t.beta > 0:
+                with self.policy.reference() as reference:
+                    v_ref = self.policy.velocity(x_t, sigma, cond, 1.0, network=reference)
+            if t.awm_ema_weight > 0:
+                with swapped_weights(self.policy.trainable_parameters(), self.old):
+                    v_ema = self.policy.velocity(x_t, sigma, cond, 1.0)
         v_theta = self.policy.velocity(x_t, sigma, cond, 1.0)
         loss, out = awm_loss(
             v_theta, eps - x0, sigma, awm_advantages(advantages, t.adv_clip), old_log_likelihood=old_likelihood,
-            clip_range=t.awm_clip_range, weighting=t.awm_weighting, beta_ref=t.beta, v_ref=v_ref, sample_weights=weights,
+            clip_range=t.awm_clip_range, weighting=t.awm_weighting, beta_ref=t.beta, v_ref=v_ref,
+            beta_ema=t.awm_ema_weight, v_ema=v_ema, sample_weights=weights,
         )
         acc.backward(loss)
         return out

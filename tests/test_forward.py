@@ -104,14 +104,15 @@ def test_awm_log_likelihood_by_hand():
     assert awm_log_likelihood(mse, t, "t2_mse").tolist() == [-0.25, -0.0, -0.25]
 
 
-def np_awm(v, target, t, a, old, clip, beta_ref, v_ref, p=0.25):
+def np_awm(v, target, t, a, old, clip, beta_ref, v_ref, p=0.25, beta_ema=0.0, v_ema=None):
     out = []
     for i in range(len(t)):
         mse = np.mean((v[i] - target[i]) ** 2)
         logp = -t[i] * ((mse + 1e-10) ** p - 1e-10**p) / p
         rho = math.exp(logp - old[i])
         policy = max(-a[i] * rho, -a[i] * min(max(rho, 1 - clip), 1 + clip))
-        out.append(policy + beta_ref * np.mean((v[i] - v_ref[i]) ** 2))
+        ema = beta_ema * np.mean((v[i] - v_ema[i]) ** 2) if beta_ema else 0.0
+        out.append(policy + beta_ref * np.mean((v[i] - v_ref[i]) ** 2) + ema)
     return float(np.mean(out))
 
 
@@ -124,6 +125,14 @@ def test_awm_loss_matches_the_formula_in_numpy():
     expected = np_awm(*(x.double().numpy() for x in (v_theta, target, t, a, old)), 0.2, 1e-3, v_ref.double().numpy())
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert metrics["clipfrac"].item() == pytest.approx(4 / 6)  # rho = e^-0.5, e^0.5, e^-2, e^2 lie outside [0.8, 1.2]
+    # With the EMA regulariser at AWM's published weight 1.
+    v_ema = v_ref + 0.3 * torch.randn(v_ref.shape, generator=torch.Generator().manual_seed(9))
+    loss, _ = awm_loss(v_theta, target, t, a, old_log_likelihood=old, clip_range=0.2, beta_ref=1e-3, v_ref=v_ref, beta_ema=1.0, v_ema=v_ema)
+    expected = np_awm(*(x.double().numpy() for x in (v_theta, target, t, a, old)), 0.2, 1e-3, v_ref.double().numpy(),
+                      beta_ema=1.0, v_ema=v_ema.double().numpy())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="v_ema"):
+        awm_loss(v_theta, target, t, a, beta_ema=1.0)
 
 
 def test_awm_with_equal_advantages_is_plain_flow_matching_onto_the_samples():

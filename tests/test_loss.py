@@ -109,6 +109,24 @@ def test_kl_term_is_beta_mean_squared_mean_gap_over_two_s_squared():
     torch.testing.assert_close(mean.grad, expected, rtol=1e-4, atol=1e-9)
 
 
+def test_velocity_kl_is_beta_mean_squared_velocity_gap_at_any_noise():
+    """train.kl velocity: loss = policy + beta * mean_b mean_elements((v - v_ref)^2), no 1/s_t^2,
+    and the velocity is what it pulls toward the reference."""
+    g = torch.Generator().manual_seed(1)
+    batch, shape = 3, (4, 5, 5)
+    v = torch.randn((batch, *shape), generator=g).requires_grad_(True)
+    v_ref = torch.randn((batch, *shape), generator=g)
+    adv, lp, beta = torch.tensor([0.5, -1.0, 2.0]), torch.zeros(batch), 0.1
+    loss, metrics = grpo_step_loss(lp, lp, adv, clip_range=EPS, beta=beta, velocity=v, ref_velocity=v_ref)
+    kl = sum(((v[i].detach().double() - v_ref[i].double()) ** 2).mean().item() for i in range(batch)) / batch
+    assert metrics["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(-adv.mean().item() + beta * kl, rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(v.grad, beta * 2 * (v.detach() - v_ref) / math.prod(shape) / batch, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="ref_velocity"):
+        grpo_step_loss(lp, lp, adv, clip_range=EPS, beta=beta, velocity=v)
+
+
 def test_beta_zero_ignores_kl_inputs_and_beta_positive_requires_them():
     lp = torch.zeros(2)
     adv = torch.tensor([1.0, -1.0])

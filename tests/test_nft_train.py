@@ -91,8 +91,34 @@ def test_awm_trains_on_policy_first_and_moves_the_weights(tiny_sd3, tmp_path):
     assert metrics["train/onpolicy_ratio_err"] < 1e-5
     for key in ("train/policy_loss", "train/kl", "train/awm_mse", "train/clipfrac"):
         assert math.isfinite(metrics[key]), key
-    moved = max((p.detach() - q).abs().max().item() for p, q in zip(trainer.policy.trainable_parameters(), initial))
+    params = trainer.policy.trainable_parameters()
+    moved = max((p.detach() - q).abs().max().item() for p, q in zip(params, initial))
     assert moved > 1e-6
+    # AWM's EMA regulariser (weight 1 by default): its copy follows by d = min(0.001 s, 0.3).
+    d = min(0.001 * metrics["train/global_step"], 0.3)
+    assert metrics["train/awm_ema_decay"] == pytest.approx(d)
+    for ema, before, after in zip(trainer.old, initial, params):
+        torch.testing.assert_close(ema, d * before + (1 - d) * after.detach(), rtol=1e-6, atol=1e-8)
+
+
+def test_awm_samples_with_the_trained_weights_and_its_ema_pulls_back(tiny_sd3, tmp_path):
+    """AWM's rollouts use the trained weights, not its EMA copy; the EMA term's weight changes the
+    step only when the EMA differs from the trained weights; weight 0 keeps no copy."""
+    assert make_trainer(tiny_sd3, tmp_path / "off", "num_epochs=1", *AWM, "train.awm_ema_weight=0").old is None
+    awm = make_trainer(tiny_sd3, tmp_path / "awm", "num_epochs=1", "sample.num_steps=4", *AWM)
+    grpo = make_trainer(tiny_sd3, tmp_path / "grpo", "num_epochs=1", "sample.num_steps=4")
+    g = torch.Generator().manual_seed(0)
+    for ema in awm.old:
+        ema.add_(0.5 * torch.randn(ema.shape, generator=g))
+    assert torch.equal(awm.roll_out(1, awm.draw(1)).batch.images, grpo.roll_out(1, grpo.draw(1)).batch.images)
+    # The same epoch with the perturbed EMA and without the EMA term: the regulariser shows in
+    # train/kl and in the step it takes.
+    plain = make_trainer(tiny_sd3, tmp_path / "plain", "num_epochs=1", "sample.num_steps=4", *AWM, "train.awm_ema_weight=0")
+    (with_ema,) = run_metrics(awm)
+    (without,) = run_metrics(plain)
+    assert with_ema["train/kl"] > 10 * without["train/kl"]
+    step = max((p - q).abs().max().item() for p, q in zip(awm.policy.trainable_parameters(), plain.policy.trainable_parameters()))
+    assert step > 1e-6
 
 
 @pytest.mark.slow

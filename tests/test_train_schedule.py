@@ -129,3 +129,19 @@ def test_grpo_guard_is_on_policy_first_and_scales_each_step_by_its_dt(tiny_sd3, 
     metrics = run_metrics(make_trainer(tiny_sd3, tmp_path / "twice", *one, "train.grpo_guard=true", "train.inner_epochs=2"))[0]
     assert metrics["train/onpolicy_ratio_err"] < 1e-5
     assert metrics["train/approx_kl"] > 1e-12 and math.isfinite(metrics["train/policy_loss"])
+
+
+def test_velocity_kl_trains_grpo_and_latent_kl_is_refused_for_forward_objectives(tiny_sd3, tmp_path):
+    """train.kl velocity: the same epoch's KL is measured on the guided velocities instead of the
+    step means (it differs from the latent KL, and is 0 until the weights move: the first
+    minibatch is at the reference); nft and awm have no step means and refuse train.kl latent."""
+    from rl.config import ConfigError
+
+    two = ["num_epochs=1", "train.num_minibatches=2", "sample.num_steps=4", "train.beta=0.5"]
+    velocity = run_metrics(make_trainer(tiny_sd3, tmp_path / "velocity", *two, "train.kl=velocity"))[0]
+    latent = run_metrics(make_trainer(tiny_sd3, tmp_path / "latent", *two))[0]
+    assert velocity["train/kl"] > 0 and math.isfinite(velocity["train/policy_loss"])
+    assert velocity["train/kl"] != pytest.approx(latent["train/kl"], rel=1e-3)
+    for objective in ("nft", "awm"):
+        with pytest.raises(ConfigError, match="train.kl"):
+            make_trainer(tiny_sd3, tmp_path / objective, f"train.objective={objective}", "train.kl=latent")
