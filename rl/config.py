@@ -109,8 +109,8 @@ class SDEConfig:
     """Stochastic step: flow_sde (Flow-GRPO), dance_sde (DanceGRPO), cps (coefficients-preserving)."""
     noise_level: Positive = 0.7
     """Noise level a (flow_sde, cps) or eta (dance_sde)."""
-    window: Literal["all", "fixed", "random"] = "all"
-    """Which steps are stochastic and trained: all (every step but the last), fixed (`steps`), random (a window of `window_size` steps starting in `window_range`, redrawn each epoch). Other steps are ODE steps."""
+    window: Literal["all", "fixed", "random", "none"] = "all"
+    """Which sampling steps are stochastic (and, for grpo, trained): all (every step but the last), fixed (`steps`), random (a window of `window_size` steps starting in `window_range`, redrawn each epoch), none (ODE sampling: nft and awm only, which train on the final samples). Other steps are ODE steps."""
     steps: list[Annotated[int, Field(ge=0)]] = field(default_factory=list)
     """Step indices for window=fixed."""
     window_size: Count = 2
@@ -197,6 +197,8 @@ class EvalConfig:
     """CFG scale for evaluation samples (>= 1; 1.0 disables CFG)."""
     batch_size: Count = 8
     """Images per forward pass on each rank during evaluation."""
+    noise_seed: Optional[int] = None
+    """Seed of the evaluation noise; unset: the run's `seed`. Another value checks a trained model on noise its run never evaluated with (compare runs only at the same value)."""
     pass_fail: Optional[str] = None
     """A reward component scored 0 or 1, such as a verifiable monitor (`shapes_geneval/strict`), that frames each image of the evaluation pictures pass or fail; unset: no marks."""
 
@@ -463,6 +465,8 @@ def validate(config: RunConfig) -> None:
                 f"`sde.window_range` = {sde.window_range} with sde.window_size = {sde.window_size}: a window starting at {high} "
                 f"runs past the {s.num_steps} sampling steps; every window it can draw must end before step {s.num_steps}"
             )
+    if config.train.objective == "grpo" and config.sde.window == "none":
+        raise ConfigError("`sde.window` none samples without stochastic steps, but train.objective grpo trains on them; pick all, fixed or random (nft and awm may sample with ODE)")
     if config.train.objective != "grpo" and config.train.kl == "latent":
         raise ConfigError(f"`train.kl` latent measures the SDE step's Gaussian means, which train.objective {config.train.objective} does not have; use train.kl=velocity (or leave it unset)")
     if config.train.objective != "grpo" and config.train.grpo_guard:

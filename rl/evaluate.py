@@ -82,7 +82,7 @@ class Evaluator:
                 cond = self.policy.encode([item.text for item in items], source_images=sources)
                 batch = rollout(
                     self.policy, cond, torch.arange(len(indices)), ids, ids,
-                    seed=config.seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
+                    seed=config.seed if config.eval.noise_seed is None else config.eval.noise_seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
                     guidance_scale=config.eval.guidance_scale, resolution=config.sample.resolution,
                     batch_size=config.eval.batch_size, sde=SDESettings(config.sde.dynamics, config.sde.noise_level),
                     sde_steps=[], progress=self.show, desc="eval",

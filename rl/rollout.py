@@ -99,6 +99,7 @@ def rollout(
     keep_means: bool = False,
     same_initial_noise: bool = False,
     keep_final: bool = False,
+    keep_steps: bool = True,
 ) -> Rollout:
     """Sample len(sample_ids) images in batches of batch_size.
 
@@ -110,11 +111,12 @@ def rollout(
     mean (GRPO-Guard's ratio needs the sampling policy's). same_initial_noise starts every
     sample of a group from one initial noise, seeded by (seed, epoch, group id); each sample's
     SDE noise stays its own. keep_final records each sample's final (clean) latent, what the
-    forward-process objectives train on.
+    forward-process objectives train on; keep_steps=False keeps nothing per step (no latents,
+    log-probs or means: what those objectives do not need), whatever steps are stochastic.
     """
     sigmas = policy.sigmas(num_steps, resolution).to(policy.device)
     sde_set = set(int(i) for i in sde_steps)
-    step_indices = sorted(sde_set)
+    step_indices = sorted(sde_set) if keep_steps else []
     out_latents, out_next, out_logp, out_means, out_final, out_images = [], [], [], [], [], []
     count = int(sample_ids.shape[0])
     for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress, leave=False):
@@ -132,10 +134,11 @@ def rollout(
         for i in range(num_steps):
             if i in sde_set:
                 step = transition(policy, x, sigmas[i], sigmas[i + 1], sigmas[1], batch_cond, guidance_scale, sde, generators=generators)
-                before.append(x)
-                after.append(step.prev_sample)
-                logps.append(step.log_prob)
-                means.append(step.mean)
+                if keep_steps:
+                    before.append(x)
+                    after.append(step.prev_sample)
+                    logps.append(step.log_prob)
+                    means.append(step.mean)
                 x = step.prev_sample
             else:
                 v = policy.velocity(x, sigmas[i].expand(x.shape[0]), batch_cond, guidance_scale)

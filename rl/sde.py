@@ -156,6 +156,8 @@ def sde_step_indices(
 ) -> list[int]:
     """Which of the num_steps sampling steps are stochastic (and trained); the others are ODE steps.
 
+    window = "none": no stochastic step, the ODE sampler (rollouts of the forward-process
+        objectives, which train on the final samples only).
     window = "all": every step but the last, which lands on sigma = 0 and so adds no noise to
         the final image (9 of 10 with Flow-GRPO's 10 steps).
     window = "fixed": exactly `steps`.
@@ -163,6 +165,8 @@ def sde_step_indices(
         the inclusive range `window_range` (Flow-GRPO-Fast / MixGRPO); draw once per epoch from a
         generator seeded by the epoch so every rank draws the same window.
     """
+    if window == "none":
+        return []
     if window == "all":
         indices = list(range(max(num_steps - 1, 1)))
     elif window == "fixed":
@@ -174,7 +178,7 @@ def sde_step_indices(
         start = low + int(torch.randint(0, high - low + 1, (1,), generator=generator))
         indices = list(range(start, start + window_size))
     else:
-        raise ValueError(f"unknown SDE window {window!r}; choose all, fixed or random")
+        raise ValueError(f"unknown SDE window {window!r}; choose all, fixed, random or none")
     if not indices:
         raise ValueError("the SDE window selects no step; at least one step must be stochastic")
     bad = [i for i in indices if not 0 <= i < num_steps]

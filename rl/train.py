@@ -369,6 +369,7 @@ class Trainer:
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
                 progress=self.show, on_batch=score_async, keep_means=config.train.grpo_guard,
                 same_initial_noise=config.sample.same_initial_noise, keep_final=config.train.objective != "grpo",
+                keep_steps=config.train.objective == "grpo",
             )
         return Sampled(batch, cond, items, pending, {"time/rollout_s": time.perf_counter() - start})
 

@@ -133,3 +133,15 @@ def test_forward_objectives_on_two_ranks_match_one_rank(tiny_sd3, tmp_path, over
     assert b[metric] == pytest.approx(a[metric], rel=1e-5)
     lora_one, lora_two = lora_weights(one), lora_weights(two)
     assert max((lora_one[k] - lora_two[k]).abs().max().item() for k in lora_one) < 1e-5
+
+
+def test_forward_objectives_may_sample_with_ode_and_grpo_may_not(tiny_sd3, tmp_path):
+    """sde.window none: the ODE sampler for nft and awm (each group explores through its
+    samples' initial noise), refused for grpo, which trains on the SDE steps."""
+    from rl.config import ConfigError
+
+    for name, overrides in (("nft", NFT), ("awm", AWM)):
+        (metrics,) = run_metrics(make_trainer(tiny_sd3, tmp_path / name, "num_epochs=1", "sample.num_steps=4", *overrides, "sde.window=none"))
+        assert metrics["train/global_step"] == 2 and math.isfinite(metrics["train/policy_loss"])
+    with pytest.raises(ConfigError, match="sde.window"):
+        make_trainer(tiny_sd3, tmp_path / "grpo", "sde.window=none")

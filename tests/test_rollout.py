@@ -246,3 +246,20 @@ def test_same_initial_noise_is_shared_within_a_group_and_only_there(policy):
     own = rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, resolution=RESOLUTION,
                   batch_size=4, sde=SDE, sde_steps=[])
     assert pixel_diff(own.images[0], own.images[1]).max() > 10
+
+
+def test_forward_objective_rollouts_keep_the_final_latent_and_nothing_per_step(policy):
+    """keep_steps=False (nft, awm): SDE steps still add their noise, so the images are those a
+    recording rollout draws, but no per-step latents, log-probs or means are kept; the final
+    latent is kept and decodes to the image."""
+    cond = policy.encode(PROMPTS)
+    rows, ids = torch.tensor([0, 1, 0]), torch.tensor([3, 4, 5])
+    recorded = run(policy, cond, rows, ids, keep_final=True)
+    light = run(policy, cond, rows, ids, keep_final=True, keep_steps=False)
+    assert torch.equal(light.images, recorded.images) and torch.equal(light.final_latents, recorded.final_latents)
+    assert recorded.latents.shape[1] == 3 and recorded.log_probs.shape == (3, 3)
+    for kept in (light.latents, light.next_latents, light.log_probs, light.means):
+        assert kept.numel() == 0
+    assert light.step_indices == []
+    decoded = policy.decode(light.final_latents, cond.take(rows))
+    assert torch.equal(decoded, light.images)

@@ -145,3 +145,21 @@ def test_velocity_kl_trains_grpo_and_latent_kl_is_refused_for_forward_objectives
     for objective in ("nft", "awm"):
         with pytest.raises(ConfigError, match="train.kl"):
             make_trainer(tiny_sd3, tmp_path / objective, f"train.objective={objective}", "train.kl=latent")
+
+
+def test_eval_noise_seed_draws_other_evaluation_noise(tiny_sd3, tmp_path):
+    """eval.noise_seed unset evaluates with the run's seed; the same value gives the same
+    per-sample scores, another value other images (other scores) from the same weights."""
+    import numpy as np
+
+    from rl.train import reward_batch
+
+    def per_sample(name: str, *overrides: str) -> np.ndarray:
+        trainer = make_trainer(tiny_sd3, tmp_path / name, "seed=3", "data.eval_prompts=prompts/simple_eval.txt", "eval.num_prompts=4",
+                               "eval.num_steps=2", "eval.batch_size=2", *overrides)
+        trainer.evaluator(0, reward_batch)
+        return np.load(tmp_path / name / "eval_before.npz")["eval|reward"]
+
+    default, same, other = per_sample("default"), per_sample("same", "eval.noise_seed=3"), per_sample("other", "eval.noise_seed=4")
+    assert np.array_equal(default, same)
+    assert not np.allclose(default, other)
