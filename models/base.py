@@ -62,14 +62,28 @@ class Policy(Protocol):
     def load_trainable(self, directory: str) -> None: ...
 
 
+def lora_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The network's peft tuner layers (each LoRA-wrapped linear), in module order."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in network.modules() if isinstance(module, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
-def lora_disabled(network: torch.nn.Module) -> Iterator[None]:
-    """Reference policy of a LoRA-adapted diffusers model: the same weights, adapters off."""
-    network.disable_adapters()
+def lora_disabled(network: torch.nn.Module, layers: list[torch.nn.Module] | None = None) -> Iterator[None]:
+    """Reference policy of a LoRA-adapted diffusers model: the same weights, adapters off.
+
+    Toggles each of peft's tuner layers (`layers`, found once by the caller) directly. diffusers'
+    `disable_adapters()` / `enable_adapters()` do the same per layer but walk every module and
+    read peft's package metadata on each call, which GRPO's KL and NFT pay several times a step."""
+    layers = lora_layers(network) if layers is None else layers
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        network.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def draw_noise(
@@ -120,6 +134,7 @@ class DiffusersPolicy:
             )
             # Adapters train in fp32 even when the frozen base runs in bf16 (stable Adam updates).
             cast_training_params(self.network, dtype=torch.float32)
+            self._lora_layers = lora_layers(self.network)  # switched off for the reference: found once
         else:
             # Fully trained weights stay fp32 (master weights) and run under autocast.
             self.network.to(torch.float32)
@@ -141,7 +156,7 @@ class DiffusersPolicy:
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
         if self.config.use_lora:
-            with lora_disabled(self.network):
+            with lora_disabled(self.network, self._lora_layers):
                 yield self.transformer
         else:
             if self._reference_copy is None:

@@ -92,3 +92,14 @@ def test_sweep_metric_is_a_logged_evaluation_metric():
     rewards = yaml.safe_load((ROOT / _sweep_base(sweep)).read_text())["rewards"]
     components = "|".join(re.escape(name) + "(?:/[a-z_]+)?" for name in rewards)
     assert re.fullmatch(rf"eval/(?:reward|{components})(?:/change)?", sweep["metric"]["name"]), sweep["metric"]["name"]
+
+
+@pytest.mark.parametrize("name, trained_steps", [("sd35m_nft_firm_qma.yaml", 9), ("qwen_edit_nft_firm_cme.yaml", 5)])
+def test_real_nft_configs_lay_out_on_eight_gpus_with_the_published_trained_steps(name, trained_steps, configs_dir):
+    """DiffusionNFT trains 99 % of the rollout's timesteps: 9 of 10 (SD3.5-M), 5 of 6 (FIRM's
+    editing); both sample with ODE steps and CFG off, and lay out on 8 ranks."""
+    from rl.layout import EpochLayout
+
+    config = load_config(configs_dir / name)
+    assert config.train.objective == "nft" and config.sde.window == "none" and config.sample.guidance_scale == 1.0
+    assert EpochLayout.build(config, 8).trained_steps == trained_steps

@@ -146,6 +146,7 @@ def test_reference_is_the_base_model_and_lora_comes_back(make_sd3_policy, tiny_s
     base_velocity = guided_transformer_velocity(base, latents, sigma, cond, 4.5)
 
     perturb_lora(policy.network)
+    trainable = policy.trainable_parameters()
     with torch.no_grad():
         adapted = policy.velocity(latents, sigma, cond, 4.5)
         assert (adapted - base_velocity).abs().max() > 1e-3, "perturbed LoRA must change the velocity"
@@ -156,6 +157,8 @@ def test_reference_is_the_base_model_and_lora_comes_back(make_sd3_policy, tiny_s
     torch.testing.assert_close(inside, base_velocity, rtol=0, atol=1e-5)
     torch.testing.assert_close(inside_default, base_velocity, rtol=0, atol=1e-5)
     torch.testing.assert_close(after, adapted, rtol=0, atol=0)
+    # The same LoRA parameters train afterwards (the switch restores their requires_grad).
+    assert [id(p) for p in policy.trainable_parameters()] == [id(p) for p in trainable] and len(trainable) > 0
 
     # An exception inside the context (e.g. a failed KL forward) must not leave adapters off.
     with pytest.raises(RuntimeError, match="boom"):
