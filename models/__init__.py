@@ -9,6 +9,8 @@ import importlib
 ADAPTERS: dict[str, str] = {
     "sd3": "models.sd3:SD3Policy",
     "qwen_image_edit": "models.qwen_image_edit:QwenImageEditPolicy",
+    "flux": "models.flux:FluxPolicy",
+    "flux_kontext": "models.flux:FluxKontextPolicy",
 }
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 
@@ -203,3 +205,70 @@ class DiffusersPolicy:
             cast_training_params(self.network, dtype=torch.float32)
         else:
             self.network.load_state_dict(load_file(str(Path(directory) / FULL_WEIGHTS_FILE)))
+
+
+class PackedLatents:
+    """Sizes of latents packed 2x2 into tokens (FLUX, Qwen-Image): image sides are multiples of
+    the VAE's downsampling times 2, and a square image of side s has (s / multiple)^2 tokens of
+    4 x the VAE's latent channels. For DiffusersPolicy subclasses (uses self.pipe, self.network)."""
+
+    @property
+    def _multiple(self) -> int:
+        """Image sides must be multiples of this: VAE downsampling times the 2x2 latent packing."""
+        return self.pipe.vae_scale_factor * 2
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.network.config.in_channels // 4
+
+    def _grid_side(self, resolution: int) -> int:
+        """Side of the packed token grid of a square image of `resolution` pixels."""
+        if resolution % self._multiple:
+            raise ValueError(f"resolution {resolution} must be a multiple of {self._multiple} for this model's VAE ({type(self).__name__})")
+        return resolution // self._multiple
+
+    @staticmethod
+    def _side_of_tokens(count: int) -> int:
+        side = int(round(count**0.5))
+        if side * side != count:
+            raise ValueError(f"{count} latent tokens do not form a square grid; images are square (sample.resolution)")
+        return side
+
+    def _source_image(self, image):
+        """A source image (uint8 [H, W, 3] array, sides multiples of _multiple) as a PIL image."""
+        from PIL import Image
+
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"source images must be uint8 [H, W, 3] arrays, got {array.dtype} {array.shape}")
+        height, width = array.shape[:2]
+        if height % self._multiple or width % self._multiple:
+            raise ValueError(
+                f"source image of {width}x{height} px: sides must be multiples of {self._multiple}; "
+                "resize source images to the training resolution"
+            )
+        return Image.fromarray(array)
+
+    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+        """The pipeline scheduler's own schedule at this image size: the stock initial sigmas
+        linspace(1, 1/N, N), shifted with mu from the noisy image's token count (the dynamic shift
+        of FLUX.1 and Qwen-Image; condition tokens do not count; bigger images shift more), then
+        the terminal 0, through the pipeline module's own calculate_shift and retrieve_timesteps."""
+        stock = importlib.import_module(type(self.pipe).__module__)
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        settings = scheduler.config
+        mu = stock.calculate_shift(
+            self._grid_side(resolution) ** 2,
+            settings.get("base_image_seq_len", 256),
+            settings.get("max_image_seq_len", 4096),
+            settings.get("base_shift", 0.5),
+            settings.get("max_shift", 1.15),
+        )
+        stock.retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        return scheduler.sigmas.to(torch.float32)
+
+    def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond=None) -> torch.Tensor:
+        """[B, S, 4C] packed float32 noise; each sample's [C, h, w] noise comes from its own generator."""
+        latent_side = 2 * self._grid_side(resolution)
+        noise = draw_noise((len(generators), self._latent_channels, latent_side, latent_side), list(generators), device=self.device)
+        return self.pipe._pack_latents(noise, len(generators), self._latent_channels, latent_side, latent_side)

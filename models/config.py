@@ -24,7 +24,7 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     adapter: str = "sd3"
-    """Policy adapter (models.ADAPTERS): sd3."""
+    """Policy adapter (models.ADAPTERS): sd3, qwen_image_edit, flux (FLUX.1 [dev]), flux_kontext (FLUX.1 Kontext)."""
     pretrained: str = "stabilityai/stable-diffusion-3.5-medium"
     """Hub id or local directory of the diffusers pipeline, loaded with from_pretrained."""
     revision: Optional[str] = None

@@ -12,24 +12,20 @@ tokens), the condition is used at the size the caller gives (the training resolu
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
-from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus_module
-from PIL import Image
 
 # ProcessorMixin is imported by name on purpose: a pipeline saved with ImageOnlyQwen2VLProcessor
 # records this module as the processor's library, and diffusers finds the processor's load method
 # by looking the base classes up by name in that module.
 from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
 
-from models.base import DTYPES, DiffusersPolicy, draw_noise
+from models.base import DTYPES, DiffusersPolicy, PackedLatents
 from models.config import ModelConfig
 
 
@@ -114,7 +110,7 @@ class QwenEditConditioning:
         return QwenEditConditioning(embeds, mask, negative, negative_mask, self.image_latents[index], self.image_grid)
 
 
-class QwenImageEditPolicy(DiffusersPolicy):
+class QwenImageEditPolicy(PackedLatents, DiffusersPolicy):
     """models.base.Policy for Qwen-Image-Edit checkpoints.
 
     Uses config.pretrained / revision / build_tiny_if_missing / dtype / use_lora / lora /
@@ -155,48 +151,12 @@ class QwenImageEditPolicy(DiffusersPolicy):
         self._vl_image_area = edit_plus_module.CONDITION_IMAGE_SIZE if isinstance(pipe, QwenImageEditPlusPipeline) else None
         self._setup_training(needs_reference)
 
-    # ------------------------------------------------------------------ sizes
-
-    @property
-    def _multiple(self) -> int:
-        """Image sides must be multiples of this: VAE downsampling times the 2x2 latent packing."""
-        return self.pipe.vae_scale_factor * 2
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.network.config.in_channels // 4
-
-    def _grid_side(self, resolution: int) -> int:
-        """Side of the packed token grid of a square image of `resolution` pixels."""
-        if resolution % self._multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {self._multiple} for this Qwen-Image VAE")
-        return resolution // self._multiple
-
-    @staticmethod
-    def _side_of_tokens(count: int) -> int:
-        side = int(round(count**0.5))
-        if side * side != count:
-            raise ValueError(f"{count} latent tokens do not form a square grid; images are square (sample.resolution)")
-        return side
-
     # ------------------------------------------------------------------ conditioning
-
-    @staticmethod
-    def _to_pil(image) -> Image.Image:
-        array = np.asarray(image)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"source images must be uint8 [H, W, 3] arrays, got {array.dtype} {array.shape}")
-        return Image.fromarray(array)
 
     def _encode_one(self, prompt: str, image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Instruction and negative embeddings [L, D] and packed source latents [S, 4C] of one pair."""
-        pil = self._to_pil(image)
+        pil = self._source_image(image)
         width, height = pil.size
-        if height % self._multiple or width % self._multiple:
-            raise ValueError(
-                f"source image of {width}x{height} px: sides must be multiples of {self._multiple}; "
-                "resize source images to the training resolution"
-            )
         vl_image = pil
         if self._vl_image_area is not None:
             vl_width, vl_height = edit_plus_module.calculate_dimensions(self._vl_image_area, width / height)
@@ -240,31 +200,6 @@ class QwenImageEditPolicy(DiffusersPolicy):
             image_latents=torch.stack([row[2] for row in rows]),
             image_grid=grids.pop(),
         )
-
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
-        """The pipeline scheduler's own schedule at this image size: the stock initial sigmas
-        linspace(1, 1/N, N), shifted with mu from the image token count (Qwen-Image's dynamic
-        shift), then the terminal 0. Bigger images get a stronger shift."""
-        image_seq_len = self._grid_side(resolution) ** 2
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        settings = scheduler.config
-        mu = edit_module.calculate_shift(
-            image_seq_len,
-            settings.get("base_image_seq_len", 256),
-            settings.get("max_image_seq_len", 4096),
-            settings.get("base_shift", 0.5),
-            settings.get("max_shift", 1.15),
-        )
-        edit_module.retrieve_timesteps(
-            scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu
-        )
-        return scheduler.sigmas.to(torch.float32)
-
-    def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond: QwenEditConditioning | None = None) -> torch.Tensor:
-        """[B, S, 4C] packed float32 noise; each sample's [C, h, w] noise comes from its own generator."""
-        latent_side = 2 * self._grid_side(resolution)
-        noise = draw_noise((len(generators), self._latent_channels, latent_side, latent_side), list(generators), device=self.device)
-        return self.pipe._pack_latents(noise, len(generators), self._latent_channels, latent_side, latent_side)
 
     # ------------------------------------------------------------------ model calls
 

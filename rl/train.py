@@ -186,6 +186,10 @@ class Trainer:
 
         # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
         unused = getattr(adapter_class(config.model.adapter), "find_unused_parameters", False)
+        # nft and awm train CFG-free: guidance 1, unless the model takes its guidance scale as an
+        # input (guidance-distilled families), where CFG-free means the scale it samples with.
+        embedded = getattr(adapter_class(config.model.adapter), "embedded_guidance", False)
+        self.forward_guidance = config.sample.guidance_scale if embedded else 1.0
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
         cpu_ranks = world_size > 1 and not torch.cuda.is_available()
         deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -632,12 +636,12 @@ class Trainer:
         x_t = noised(x0, eps, sigma)
         with torch.no_grad():
             with swapped_weights(self.policy.trainable_parameters(), self.old):
-                v_old = self.policy.velocity(x_t, sigma, cond, 1.0)
+                v_old = self.policy.velocity(x_t, sigma, cond, self.forward_guidance)
             v_ref = None
             if t.beta > 0:
                 with self.policy.reference() as reference:
-                    v_ref = self.policy.velocity(x_t, sigma, cond, 1.0, network=reference)
-        v_theta = self.policy.velocity(x_t, sigma, cond, 1.0)
+                    v_ref = self.policy.velocity(x_t, sigma, cond, self.forward_guidance, network=reference)
+        v_theta = self.policy.velocity(x_t, sigma, cond, self.forward_guidance)
         optimality = nft_optimality(advantages, t.nft_optimality, t.adv_clip)
         loss, out = nft_loss(v_theta, v_old, x_t, x0, sigma, optimality, beta=t.nft_beta, kl=t.beta, v_ref=v_ref, sample_weights=weights)
         acc.backward(loss)
@@ -656,7 +660,7 @@ class Trainer:
                 x0 = batch.final_latents[rows].to(device)
                 for j in range(layout.trained_steps):
                     sigma, eps = draws[0][rows, j].to(device), draws[1][rows, j].to(device)
-                    v = self.policy.velocity(noised(x0, eps, sigma), sigma, cond, 1.0)
+                    v = self.policy.velocity(noised(x0, eps, sigma), sigma, cond, self.forward_guidance)
                     mse = mean_d((v.double() - (eps - x0).double()) ** 2)
                     out[rows, j] = awm_log_likelihood(mse, sigma, t.awm_weighting).cpu()
         return out
@@ -672,11 +676,11 @@ class Trainer:
         with torch.no_grad():
             if t.beta > 0:
                 with self.policy.reference() as reference:
-                    v_ref = self.policy.velocity(x_t, sigma, cond, 1.0, network=reference)
+                    v_ref = self.policy.velocity(x_t, sigma, cond, self.forward_guidance, network=reference)
             if t.awm_ema_weight > 0:
                 with swapped_weights(self.policy.trainable_parameters(), self.old):
-                    v_ema = self.policy.velocity(x_t, sigma, cond, 1.0)
-        v_theta = self.policy.velocity(x_t, sigma, cond, 1.0)
+                    v_ema = self.policy.velocity(x_t, sigma, cond, self.forward_guidance)
+        v_theta = self.policy.velocity(x_t, sigma, cond, self.forward_guidance)
         loss, out = awm_loss(
             v_theta, eps - x0, sigma, awm_advantages(advantages, t.adv_clip), old_log_likelihood=old_likelihood,
             clip_range=t.awm_clip_range, weighting=t.awm_weighting, beta_ref=t.beta, v_ref=v_ref,

@@ -114,3 +114,14 @@ def perturb_lora(network, seed: int = 0, scale: float = 0.1) -> None:
         for name, param in network.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def forward_batch_sizes(network, fn):
+    """Call fn() and return its result with the batch size of every forward `network` ran during
+    it (checks such as "true CFG is ONE forward of 2B rows")."""
+    sizes = []
+    handle = network.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        return fn(), sizes
+    finally:
+        handle.remove()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import perturb_lora
+from conftest import forward_batch_sizes, perturb_lora
 
 RESOLUTION = 64  # tiny VAE x4 and 2x2 packing: an 8x8 grid of packed tokens
 GRID = RESOLUTION // 8
@@ -317,16 +317,10 @@ def test_guided_velocity_is_one_forward_equal_to_two_stock_calls_with_norm_resca
     sigma = torch.tensor([0.95, 0.5, 0.2])  # per-sample sigmas
     guidance = 4.0
 
-    batches = []
-    handle = policy.network.register_forward_pre_hook(
-        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            velocity = policy.velocity(latents, sigma, cond, guidance)
-            unguided = policy.velocity(latents, sigma, cond, 1.0)
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        (velocity, unguided), batches = forward_batch_sizes(
+            policy.network, lambda: (policy.velocity(latents, sigma, cond, guidance), policy.velocity(latents, sigma, cond, 1.0))
+        )
     assert batches == [6, 3], "true CFG must be ONE forward of 2B rows; no CFG one forward of B"
 
     for i, (prompt, image) in enumerate(zip(PROMPTS, images)):

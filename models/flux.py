@@ -1,0 +1,208 @@
+"""Policy adapters for the FLUX.1 family: FLUX.1 [dev] text-to-image (diffusers FluxPipeline) and
+FLUX.1 Kontext instruction editing (FluxKontextPipeline).
+
+Everything FLUX-specific lives here: the pooled CLIP embedding next to the T5 token embeddings,
+packed 2x2 latents with their (frame, row, column) position ids and all-zero text ids, the
+guidance *embedding* of the guidance-distilled checkpoints, the dynamic (resolution-dependent)
+shift of the sigma schedule, and the VAE's scaling and shift factors. Kontext appends the source
+image's packed latents to the noisy tokens along the sequence, with position ids whose frame
+coordinate is 1.
+
+Guidance: FLUX.1 [dev] and Kontext [dev] are guidance-distilled. There is no negative prompt and
+no second forward; the transformer reads the guidance scale as an input (`guidance`), so
+`velocity(..., guidance_scale)` is always ONE forward of B rows, whatever the scale.
+
+Unlike the stock Kontext pipeline, which resizes every source image to one of its preferred ~1 MP
+resolutions, the condition is used at the size the caller gives (the training resolution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
+
+from models.base import DTYPES, DiffusersPolicy, PackedLatents
+from models.config import ModelConfig
+
+__all__ = ["FluxConditioning", "FluxKontextPolicy", "FluxPolicy"]
+
+# The stock pipelines refuse longer T5 prompts (FLUX.1 was trained with at most 512 tokens).
+MAX_T5_TOKENS = 512
+
+
+@dataclass
+class FluxConditioning:
+    """P encoded prompts (Kontext: instructions with their source images), one row each."""
+
+    prompt_embeds: torch.Tensor  # [P, L, D] T5 token embeddings, padded to max_sequence_length
+    pooled_embeds: torch.Tensor  # [P, Dp] pooled CLIP embeddings
+    image_latents: torch.Tensor | None = None  # Kontext: [P, S_cond, 4C] packed, normalised source latents; None for text-to-image
+    image_grid: tuple[int, int] | None = None  # Kontext: (rows, cols) of the packed source token grid; S_cond = rows * cols
+
+    def take(self, index: torch.Tensor) -> "FluxConditioning":
+        index = index.to(self.prompt_embeds.device)
+        image_latents = None if self.image_latents is None else self.image_latents[index]
+        return FluxConditioning(self.prompt_embeds[index], self.pooled_embeds[index], image_latents, self.image_grid)
+
+
+class FluxPolicy(PackedLatents, DiffusersPolicy):
+    """models.base.Policy for FLUX.1 text-to-image checkpoints (e.g. black-forest-labs/FLUX.1-dev).
+
+    Uses config.pretrained / revision / dtype / use_lora / lora / gradient_checkpointing /
+    max_sequence_length (T5 tokens, at most 512). The guidance scale the trainer passes is the
+    value of the guidance embedding (FLUX.1 [dev]'s default is 3.5), not a CFG weight.
+    """
+
+    pipeline_class: type = FluxPipeline
+    adapter_name = "flux"
+    # The guidance scale is an input of the network, not a CFG weight: forward-process objectives
+    # (nft, awm) train at the scale the rollouts sample with, as FIRM trains Kontext at 2.5.
+    embedded_guidance = True
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
+        if config.max_sequence_length > MAX_T5_TOKENS:
+            raise ValueError(f"model.max_sequence_length {config.max_sequence_length}: FLUX.1 takes at most {MAX_T5_TOKENS} T5 tokens")
+        self.config = config
+        self.device = torch.device(device)
+        self.compute_dtype = DTYPES[config.dtype]
+        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
+        # weights) and runs under autocast.
+        pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype)
+        if type(pipe) is not self.pipeline_class:
+            other = {FluxPipeline: "flux", FluxKontextPipeline: "flux_kontext"}.get(type(pipe))
+            hint = f"use model.adapter={other}" if other else "point model.pretrained at a FLUX.1 checkpoint"
+            raise ValueError(
+                f"{config.pretrained} holds a {type(pipe).__name__}; the {self.adapter_name} adapter needs a "
+                f"{self.pipeline_class.__name__} checkpoint: {hint}"
+            )
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
+            module.requires_grad_(False).eval().to(self.device)
+        self.pipe = pipe
+        self._setup_training(needs_reference)
+
+    # ------------------------------------------------------------------ sizes (PackedLatents) and ids
+
+    def _image_ids(self, rows: int, cols: int, frame: int) -> torch.Tensor:
+        """[rows * cols, 3] RoPE ids (frame, row, column) of a packed token grid, the pipeline's own."""
+        ids = self.pipe._prepare_latent_image_ids(1, rows, cols, self.device, torch.float32)
+        ids[:, 0] = frame
+        return ids
+
+    # ------------------------------------------------------------------ conditioning
+
+    def _encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 token embeddings [P, L, D] and pooled CLIP embeddings [P, Dp], the pipeline's own
+        encoding (both padded to fixed lengths without masks, so a row does not depend on the
+        others)."""
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.config.max_sequence_length
+        )
+        return embeds, pooled
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], source_images: Sequence | None = None) -> FluxConditioning:
+        # encode_prompt is not under no_grad by itself; the decorator keeps cached embeddings out
+        # of the autograd graph.
+        if source_images is not None:
+            raise ValueError("the flux adapter is text-to-image and takes no source images; use model.adapter=flux_kontext for editing data")
+        return FluxConditioning(*self._encode_text(prompts))
+
+    # ------------------------------------------------------------------ model calls
+
+    def _guidance(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
+        if self.network.config.guidance_embeds:
+            return torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
+        if guidance_scale != 1.0:
+            raise ValueError(
+                f"{self.config.pretrained} has no guidance embedding (e.g. FLUX.1 [schnell]) and this adapter "
+                f"has no true CFG; set sample.guidance_scale and eval.guidance_scale to 1.0 (got {guidance_scale})"
+            )
+        return None
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: FluxConditioning,
+        guidance_scale: float,
+        *,
+        network: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Velocity [B, S, 4C] of the noisy tokens, float32: one forward, the guidance scale
+        embedded. With a Kontext condition the transformer reads the noisy tokens followed by the
+        source image's (frame 1 of the RoPE ids) and predicts for all; only the first S are kept."""
+        network = network if network is not None else self.transformer
+        batch, seq = latents.shape[:2]
+        side = self._side_of_tokens(seq)
+        # The pipeline feeds timestep / 1000 with timestep = 1000 sigma: the model's timestep is sigma.
+        timestep = sigma.to(self.device, torch.float32).expand(batch)
+        hidden = latents.to(self.compute_dtype)
+        image_ids = self._image_ids(side, side, frame=0)
+        if cond.image_latents is not None:
+            hidden = torch.cat([hidden, cond.image_latents.to(self.compute_dtype)], dim=1)
+            image_ids = torch.cat([image_ids, self._image_ids(*cond.image_grid, frame=1)])
+        text_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, device=self.device, dtype=torch.float32)
+        with self._autocast():
+            out = network(
+                hidden_states=hidden,
+                timestep=timestep,
+                guidance=self._guidance(guidance_scale, batch),
+                pooled_projections=cond.pooled_embeds.to(self.compute_dtype),
+                encoder_hidden_states=cond.prompt_embeds.to(self.compute_dtype),
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+        return out[:, :seq].float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, cond: FluxConditioning | None = None) -> torch.Tensor:
+        """[B, H, W, 3] uint8 images on the CPU from packed latents [B, S, 4C]."""
+        vae = self.pipe.vae
+        resolution = self._side_of_tokens(latents.shape[1]) * self._multiple
+        latents = self.pipe._unpack_latents(latents, resolution, resolution, self.pipe.vae_scale_factor)  # [B, C, h, w]
+        latents = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu()
+
+
+class FluxKontextPolicy(FluxPolicy):
+    """models.base.Policy for FLUX.1 Kontext editing checkpoints (e.g.
+    black-forest-labs/FLUX.1-Kontext-dev): FluxPolicy plus the source image's latents as a
+    second set of tokens. The stock default guidance of Kontext [dev] is 2.5."""
+
+    pipeline_class = FluxKontextPipeline
+    adapter_name = "flux_kontext"
+
+    def _encode_source(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Packed source latents [S_cond, 4C] of one image and their token grid, as the stock
+        pipeline computes them (the VAE posterior's mode, shifted and scaled), at the image's size."""
+        pil = self._source_image(image)
+        width, height = pil.size
+        pixels = self.pipe.image_processor.preprocess(pil, height, width)  # [1, 3, H, W] in [-1, 1]
+        latents = self.pipe._encode_vae_image(pixels.to(self.device, self.pipe.vae.dtype), generator=None)
+        latent_height, latent_width = latents.shape[2:]
+        packed = self.pipe._pack_latents(latents, 1, self._latent_channels, latent_height, latent_width)
+        return packed[0], (latent_height // 2, latent_width // 2)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], source_images: Sequence | None = None) -> FluxConditioning:
+        """Encode (instruction, source image) pairs; row i belongs to prompts[i]. Each source image
+        goes through the VAE on its own, so a row does not depend on the others."""
+        if source_images is None:
+            raise ValueError("the flux_kontext adapter edits images: pass one source image per instruction (data.train_edits)")
+        if len(source_images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} instructions but {len(source_images)} source images; pass one image per instruction")
+        embeds, pooled = self._encode_text(prompts)
+        rows = [self._encode_source(image) for image in source_images]
+        grids = {grid for _, grid in rows}
+        if len(grids) > 1:
+            raise ValueError(f"source images of one batch must share one size, got latent grids {sorted(grids)}")
+        return FluxConditioning(embeds, pooled, torch.stack([latents for latents, _ in rows]), grids.pop())
