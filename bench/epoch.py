@@ -108,14 +108,10 @@ def measure(objective: str, args, tmp: str) -> dict:
     for epoch in range(1, args.warmup + args.epochs + 1):
         clock.reset()
         start = time.perf_counter()
-        drawn = trainer.draw(epoch)
-        sampled = trainer.roll_out(epoch, drawn)
-        rewards = trainer.score(sampled)
-        advantages = trainer.advantages(epoch, drawn, sampled, rewards)
-        global_step, update = trainer.update(epoch, sampled, advantages, global_step)
+        global_step, _, metrics = trainer.train_epoch(epoch, global_step)
         total = time.perf_counter() - start
         if epoch > args.warmup:
-            rows.append({**sampled.metrics, **rewards.metrics, **advantages.metrics, **update, "epoch_s": total,
+            rows.append({**metrics, "epoch_s": total,
                          "model_s": clock.seconds, "switches": clock.switches, "swaps": clock.swaps})
     switch = switch_cost(trainer)
     trainer.executor.shutdown()

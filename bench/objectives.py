@@ -85,13 +85,9 @@ def train_one(objective: str, seed: int, minutes: float, marks: list[float], run
     while pending:
         epoch += 1
         start = time.perf_counter()
-        drawn = trainer.draw(epoch)
-        sampled = trainer.roll_out(epoch, drawn)
-        rewards = trainer.score(sampled)
-        advantages = trainer.advantages(epoch, drawn, sampled, rewards)
-        global_step, _ = trainer.update(epoch, sampled, advantages, global_step)
+        global_step, _, metrics = trainer.train_epoch(epoch, global_step)
         elapsed += time.perf_counter() - start
-        epochs.append({"epoch": epoch, "minutes": elapsed / 60, "reward": {**rewards.metrics, **advantages.metrics}.get("reward/mean")})
+        epochs.append({"epoch": epoch, "minutes": elapsed / 60, "reward": metrics.get("reward/mean")})
         if elapsed >= pending[0] * 60 or elapsed >= budget:
             evaluated = trainer.evaluator(epoch, reward_batch)
             points.append({"mark": pending.pop(0), "minutes": elapsed / 60, "epoch": epoch,

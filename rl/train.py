@@ -185,11 +185,11 @@ class Trainer:
             raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} is not a reward component; the components are: {', '.join(self.rewards.components)}")
 
         # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
-        unused = getattr(adapter_class(config.model.adapter), "find_unused_parameters", False)
+        adapter = adapter_class(config.model.adapter)
+        unused = getattr(adapter, "find_unused_parameters", False)
         # nft and awm train CFG-free: guidance 1, unless the model takes its guidance scale as an
         # input (guidance-distilled families), where CFG-free means the scale it samples with.
-        embedded = getattr(adapter_class(config.model.adapter), "embedded_guidance", False)
-        self.forward_guidance = config.sample.guidance_scale if embedded else 1.0
+        self.forward_guidance = config.sample.guidance_scale if getattr(adapter, "embedded_guidance", False) else 1.0
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
         cpu_ranks = world_size > 1 and not torch.cuda.is_available()
         deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -297,19 +297,14 @@ class Trainer:
             self.tracker.log(self.evaluator(0, reward_batch), 0)
         global_step = self.start_step
         for epoch in tqdm(range(self.start_epoch, config.num_epochs + 1), desc="epochs", disable=not self.show):
-            drawn = self.draw(epoch)
-            sampled = self.roll_out(epoch, drawn)
-            rewards = self.score(sampled)
-            advantages = self.advantages(epoch, drawn, sampled, rewards)
-            global_step, update_metrics = self.update(epoch, sampled, advantages, global_step)
+            global_step, sampled, metrics = self.train_epoch(epoch, global_step)
 
             last = epoch == config.num_epochs
             evaluated = {}
             if self.eval_items and (last or (config.eval.every and epoch % config.eval.every == 0)):
                 evaluated = self.evaluator(epoch, reward_batch)
 
-            # The epoch's metrics, assembled here from what the phases returned.
-            metrics = {**sampled.metrics, **rewards.metrics, **advantages.metrics, **update_metrics, **evaluated}
+            metrics = {**metrics, **evaluated}
             if log.image_every and (epoch % log.image_every == 0 or epoch == 1):
                 shown = sampled.batch.prompt_rows[:16]
                 self.tracker.log_images("rollout/images", sampled.batch.images[:16].numpy(), [sampled.items[int(r)].text for r in shown], epoch)
@@ -324,6 +319,16 @@ class Trainer:
         if acc.is_main_process:
             self.evaluator.print_change()  # last, below W&B's run summary
         acc.end_training()
+
+    def train_epoch(self, epoch: int, global_step: int) -> tuple[int, Sampled, dict[str, float]]:
+        """One epoch's phases in order (draw, roll out, score, advantages, update): the optimizer
+        steps taken so far, the rollout, and the epoch's metrics assembled from what each returned."""
+        drawn = self.draw(epoch)
+        sampled = self.roll_out(epoch, drawn)
+        rewards = self.score(sampled)
+        advantages = self.advantages(epoch, drawn, sampled, rewards)
+        global_step, update_metrics = self.update(epoch, sampled, advantages, global_step)
+        return global_step, sampled, {**sampled.metrics, **rewards.metrics, **advantages.metrics, **update_metrics}
 
     # ------------------------------------------------------------------ phases
 
