@@ -198,3 +198,11 @@ def test_awm_timesteps_draw_one_index_from_each_stratum():
         seen.update(drawn)
     assert seen == set(range(10))
     assert sorted(awm_timesteps(4, 6, g).tolist()) == [0, 1, 2, 3]  # never more than the rollout's steps
+
+
+def test_lagged_copies_follow_by_a_decay_capped_per_objective():
+    """d = min(0.001 s, cap): AWM's EMA caps at 0.3, NFT's old policy at 0.5."""
+    from rl.forward import lagged_decay, nft_old_decay
+
+    assert lagged_decay(100, 0.3) == pytest.approx(0.1)
+    assert lagged_decay(1000, 0.3) == 0.3 and nft_old_decay(1000) == 0.5 and nft_old_decay(200) == pytest.approx(0.2)
