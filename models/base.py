@@ -14,6 +14,18 @@ import numpy as np
 import torch
 
 
+ImageSize = "int | tuple[int, int]"
+"""An image size in pixels: (height, width), or one int for a square image."""
+
+
+def image_size(size: "int | Sequence[int]") -> tuple[int, int]:
+    """(height, width) of an image size given as one int (square) or a (height, width) pair."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
 class Conditioning(Protocol):
     """Encoded prompts (and source images) of P unique inputs, kept once per prompt."""
 
@@ -32,13 +44,15 @@ class Policy(Protocol):
         """Encode unique prompts (no gradient); row i belongs to prompts[i]."""
         ...
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, size: "ImageSize") -> torch.Tensor:
         """The num_steps + 1 sigmas from 1 to 0 this model samples with at this image size
-        (models with resolution-dependent shifting, like Qwen-Image, need the size)."""
+        (models with resolution-dependent shifting, like FLUX.1 and Qwen-Image, need the size)."""
         ...
 
-    def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond: Conditioning) -> torch.Tensor:
-        """[B, ...] float32 starting latents, one generator per sample."""
+    def initial_noise(self, generators: Sequence[torch.Generator], size: "ImageSize", cond: Conditioning) -> torch.Tensor:
+        """[B, ...] float32 starting latents of images of `size`, one generator per sample, in the
+        adapter's grid form: a shape that alone tells the image size (packed-token families keep
+        [B, C, h, w] and pack inside velocity), so no other method needs the size."""
         ...
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
@@ -208,9 +222,12 @@ class DiffusersPolicy:
 
 
 class PackedLatents:
-    """Sizes of latents packed 2x2 into tokens (FLUX, Qwen-Image): image sides are multiples of
-    the VAE's downsampling times 2, and a square image of side s has (s / multiple)^2 tokens of
-    4 x the VAE's latent channels. For DiffusersPolicy subclasses (uses self.pipe, self.network)."""
+    """Latents packed 2x2 into tokens (FLUX.1, Qwen-Image): image sides are multiples of the VAE's
+    downsampling times 2, and an image of h x w pixels has (h / m) x (w / m) tokens of 4 x the
+    VAE's latent channels (m = `_multiple`). The rollout and the trainer hold the latents UNPACKED,
+    [B, C, 2 rows, 2 cols], so their shape tells the image size; the adapter packs them into
+    [B, rows * cols, 4C] tokens for its transformer and unpacks the prediction. For
+    DiffusersPolicy subclasses (uses self.pipe, self.network)."""
 
     @property
     def _multiple(self) -> int:
@@ -221,18 +238,31 @@ class PackedLatents:
     def _latent_channels(self) -> int:
         return self.network.config.in_channels // 4
 
-    def _grid_side(self, resolution: int) -> int:
-        """Side of the packed token grid of a square image of `resolution` pixels."""
-        if resolution % self._multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {self._multiple} for this model's VAE ({type(self).__name__})")
-        return resolution // self._multiple
+    def _grid(self, size: "ImageSize") -> tuple[int, int]:
+        """(rows, cols) of the packed token grid of an image of `size` pixels."""
+        height, width = image_size(size)
+        if height % self._multiple or width % self._multiple:
+            raise ValueError(
+                f"image size {height}x{width} (height x width): each side must be a multiple of "
+                f"{self._multiple} for this model's VAE ({type(self).__name__}); set sample.resolution / eval.resolution"
+            )
+        return height // self._multiple, width // self._multiple
 
     @staticmethod
-    def _side_of_tokens(count: int) -> int:
-        side = int(round(count**0.5))
-        if side * side != count:
-            raise ValueError(f"{count} latent tokens do not form a square grid; images are square (sample.resolution)")
-        return side
+    def _pack(latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, C, 2 rows, 2 cols] latents as [B, rows * cols, 4C] tokens (each token a 2x2 patch,
+        channel-major, the diffusers pipelines' layout) and the grid (rows, cols)."""
+        batch, channels, height, width = latents.shape
+        rows, cols = height // 2, width // 2
+        tokens = latents.reshape(batch, channels, rows, 2, cols, 2).permute(0, 2, 4, 1, 3, 5)
+        return tokens.reshape(batch, rows * cols, channels * 4), (rows, cols)
+
+    @staticmethod
+    def _unpack(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """The inverse of _pack: [B, rows * cols, 4C] tokens as [B, C, 2 rows, 2 cols] latents."""
+        batch, _, features = tokens.shape
+        latents = tokens.reshape(batch, rows, cols, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(batch, features // 4, rows * 2, cols * 2)
 
     def _source_image(self, image):
         """A source image (uint8 [H, W, 3] array, sides multiples of _multiple) as a PIL image."""
@@ -249,7 +279,7 @@ class PackedLatents:
             )
         return Image.fromarray(array)
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, size: "ImageSize") -> torch.Tensor:
         """The pipeline scheduler's own schedule at this image size: the stock initial sigmas
         linspace(1, 1/N, N), shifted with mu from the noisy image's token count (the dynamic shift
         of FLUX.1 and Qwen-Image; condition tokens do not count; bigger images shift more), then
@@ -257,8 +287,9 @@ class PackedLatents:
         stock = importlib.import_module(type(self.pipe).__module__)
         scheduler = copy.deepcopy(self.pipe.scheduler)
         settings = scheduler.config
+        rows, cols = self._grid(size)
         mu = stock.calculate_shift(
-            self._grid_side(resolution) ** 2,
+            rows * cols,
             settings.get("base_image_seq_len", 256),
             settings.get("max_image_seq_len", 4096),
             settings.get("base_shift", 0.5),
@@ -267,8 +298,8 @@ class PackedLatents:
         stock.retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         return scheduler.sigmas.to(torch.float32)
 
-    def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond=None) -> torch.Tensor:
-        """[B, S, 4C] packed float32 noise; each sample's [C, h, w] noise comes from its own generator."""
-        latent_side = 2 * self._grid_side(resolution)
-        noise = draw_noise((len(generators), self._latent_channels, latent_side, latent_side), list(generators), device=self.device)
-        return self.pipe._pack_latents(noise, len(generators), self._latent_channels, latent_side, latent_side)
+    def initial_noise(self, generators: Sequence[torch.Generator], size: "ImageSize", cond=None) -> torch.Tensor:
+        """[B, C, 2 rows, 2 cols] float32 noise (unpacked); each sample's from its own generator.
+        Packed, it is the stock pipelines' prepare_latents noise for the same generator."""
+        rows, cols = self._grid(size)
+        return draw_noise((len(generators), self._latent_channels, 2 * rows, 2 * cols), list(generators), device=self.device)

@@ -84,7 +84,7 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
         self.pipe = pipe
         self._setup_training(needs_reference)
 
-    # ------------------------------------------------------------------ sizes (PackedLatents) and ids
+    # ------------------------------------------------------------------ position ids
 
     def _image_ids(self, rows: int, cols: int, frame: int) -> torch.Tensor:
         """[rows * cols, 3] RoPE ids (frame, row, column) of a packed token grid, the pipeline's own."""
@@ -134,16 +134,18 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
         *,
         network: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """Velocity [B, S, 4C] of the noisy tokens, float32: one forward, the guidance scale
-        embedded. With a Kontext condition the transformer reads the noisy tokens followed by the
-        source image's (frame 1 of the RoPE ids) and predicts for all; only the first S are kept."""
+        """Velocity [B, C, h, w] of the (unpacked) latents, float32: one forward, the guidance
+        scale embedded. The latents go in as packed tokens; with a Kontext condition the
+        transformer reads them followed by the source image's (frame 1 of the RoPE ids) and
+        predicts for all; only the noisy image's tokens are kept and unpacked."""
         network = network if network is not None else self.transformer
-        batch, seq = latents.shape[:2]
-        side = self._side_of_tokens(seq)
+        batch = latents.shape[0]
+        tokens, (rows, cols) = self._pack(latents)
+        seq = tokens.shape[1]
         # The pipeline feeds timestep / 1000 with timestep = 1000 sigma: the model's timestep is sigma.
         timestep = sigma.to(self.device, torch.float32).expand(batch)
-        hidden = latents.to(self.compute_dtype)
-        image_ids = self._image_ids(side, side, frame=0)
+        hidden = tokens.to(self.compute_dtype)
+        image_ids = self._image_ids(rows, cols, frame=0)
         if cond.image_latents is not None:
             hidden = torch.cat([hidden, cond.image_latents.to(self.compute_dtype)], dim=1)
             image_ids = torch.cat([image_ids, self._image_ids(*cond.image_grid, frame=1)])
@@ -159,14 +161,12 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
                 img_ids=image_ids,
                 return_dict=False,
             )[0]
-        return out[:, :seq].float()
+        return self._unpack(out[:, :seq].float(), rows, cols)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, cond: FluxConditioning | None = None) -> torch.Tensor:
-        """[B, H, W, 3] uint8 images on the CPU from packed latents [B, S, 4C]."""
+        """[B, H, W, 3] uint8 images on the CPU from latents [B, C, h, w]."""
         vae = self.pipe.vae
-        resolution = self._side_of_tokens(latents.shape[1]) * self._multiple
-        latents = self.pipe._unpack_latents(latents, resolution, resolution, self.pipe.vae_scale_factor)  # [B, C, h, w]
         latents = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)

@@ -212,16 +212,17 @@ class QwenImageEditPolicy(PackedLatents, DiffusersPolicy):
         *,
         network: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """Guided velocity [B, S, 4C], float32.
+        """Guided velocity [B, C, h, w] of the (unpacked) latents, float32.
 
-        The transformer reads the noisy tokens followed by the source image's tokens (one RoPE
-        grid each) and predicts for all; only the first S (the noisy image's) are kept. With
-        guidance_scale > 1, conditional and negative halves run in ONE forward, their text padded
-        to one length and masked.
+        The transformer reads the noisy latents as packed tokens followed by the source image's
+        tokens (one RoPE grid each) and predicts for all; only the noisy image's tokens are kept
+        and unpacked. With guidance_scale > 1, conditional and negative halves run in ONE forward,
+        their text padded to one length and masked.
         """
         network = network if network is not None else self.transformer
-        batch, seq = latents.shape[:2]
-        side = self._side_of_tokens(seq)
+        batch = latents.shape[0]
+        latents, (rows, cols) = self._pack(latents)
+        seq = latents.shape[1]
         # The pipeline feeds timestep / 1000 with timestep = 1000 sigma: the model's timestep is sigma.
         timestep = sigma.to(self.device, torch.float32).expand(batch)
         embeds, mask = cond.prompt_embeds, cond.prompt_mask
@@ -233,7 +234,7 @@ class QwenImageEditPolicy(PackedLatents, DiffusersPolicy):
             image_latents = torch.cat([image_latents, image_latents])
             timestep = torch.cat([timestep, timestep])
         hidden = torch.cat([latents.to(self.compute_dtype), image_latents.to(self.compute_dtype)], dim=1)
-        img_shapes = [[(1, side, side), (1, *cond.image_grid)]] * hidden.shape[0]
+        img_shapes = [[(1, rows, cols), (1, *cond.image_grid)]] * hidden.shape[0]
         # No mask when nothing is padded: the stock pipeline passes None then, and unmasked
         # attention can use the fastest kernels.
         attention_mask = None if bool(mask.all()) else mask
@@ -254,14 +255,13 @@ class QwenImageEditPolicy(PackedLatents, DiffusersPolicy):
             # prediction (as in the diffusers Qwen-Image pipelines).
             scale = conditional.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
             out = combined * scale
-        return out
+        return self._unpack(out, rows, cols)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, cond: QwenEditConditioning | None = None) -> torch.Tensor:
-        """[B, H, W, 3] uint8 images on the CPU from packed latents [B, S, 4C]."""
+        """[B, H, W, 3] uint8 images on the CPU from latents [B, C, h, w]."""
         vae = self.pipe.vae
-        resolution = self._side_of_tokens(latents.shape[1]) * self._multiple
-        latents = self.pipe._unpack_latents(latents, resolution, resolution, self.pipe.vae_scale_factor)  # [B, C, 1, h, w]
+        latents = latents.unsqueeze(2)  # [B, C, 1, h, w]: the Qwen-Image VAE is a video VAE
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from models.base import DTYPES, DiffusersPolicy, draw_noise
+from models.base import DTYPES, DiffusersPolicy, ImageSize, draw_noise, image_size
 from models.config import ModelConfig
 
 
@@ -69,7 +69,7 @@ class SD3Policy(DiffusersPolicy):
             self._negative = (negative, negative_pooled)
         return SD3Conditioning(embeds, pooled, *self._negative)
 
-    def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
+    def sigmas(self, num_steps: int, size: ImageSize) -> torch.Tensor:
         """The pipeline scheduler's own schedule (shifted, ending at 0), so that evaluation
         matches `pipe(num_inference_steps=N)` and Flow-GRPO's published settings carry over.
         SD3's shift does not depend on the resolution."""
@@ -77,12 +77,18 @@ class SD3Policy(DiffusersPolicy):
         scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler.sigmas.to(torch.float32)
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        size = resolution // self.pipe.vae_scale_factor
-        return (self.network.config.in_channels, size, size)
+    def latent_shape(self, size: ImageSize) -> tuple[int, int, int]:
+        """[C, h, w] of the latents of an image of `size` pixels (the VAE's x8, then the
+        transformer's 2x2 patches: sides are multiples of 16)."""
+        height, width = image_size(size)
+        multiple = self.pipe.vae_scale_factor * self.network.config.patch_size
+        if height % multiple or width % multiple:
+            raise ValueError(f"image size {height}x{width} (height x width): each side must be a multiple of {multiple} for SD3; set sample.resolution / eval.resolution")
+        factor = self.pipe.vae_scale_factor
+        return (self.network.config.in_channels, height // factor, width // factor)
 
-    def initial_noise(self, generators: Sequence[torch.Generator], resolution: int, cond=None) -> torch.Tensor:
-        return draw_noise((len(generators), *self.latent_shape(resolution)), list(generators), device=self.device)
+    def initial_noise(self, generators: Sequence[torch.Generator], size: ImageSize, cond=None) -> torch.Tensor:
+        return draw_noise((len(generators), *self.latent_shape(size)), list(generators), device=self.device)
 
     # ------------------------------------------------------------------ model calls
 

@@ -71,6 +71,9 @@ Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Guidance = Annotated[float, Field(ge=1, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+Side = Annotated[int, Field(ge=16, multiple_of=16)]
+# One side for square images or [height, width]; models.base.image_size reads either.
+Resolution = Union[Side, Annotated[list[Side], Field(min_length=2, max_length=2)]]
 
 
 @dataclass
@@ -97,8 +100,8 @@ class SampleConfig:
     """Sampling steps of a training rollout."""
     guidance_scale: Guidance = 4.5
     """Classifier-free guidance scale (>= 1); 1.0 disables CFG (one forward instead of two). Training uses the same guidance."""
-    resolution: Annotated[int, Field(ge=16, multiple_of=16)] = 512
-    """Image height and width in pixels."""
+    resolution: Resolution = 512
+    """Image size in pixels: one number for square images, or [height, width]."""
     same_initial_noise: bool = False
     """Start every sample of a group from the same initial noise (flow_grpo's same_latent); the SDE noise stays each sample's own, so a group's images differ only through the stochastic steps."""
 
@@ -195,6 +198,8 @@ class EvalConfig:
     """ODE steps of an evaluation sample."""
     guidance_scale: Guidance = 4.5
     """CFG scale for evaluation samples (>= 1; 1.0 disables CFG)."""
+    resolution: Optional[Resolution] = None
+    """Image size of evaluation samples, like sample.resolution; unset: sample.resolution. Evaluation is ODE-only, so it can run at the size a model will be used at while rollouts stay small."""
     batch_size: Count = 8
     """Images per forward pass on each rank during evaluation."""
     noise_seed: Optional[int] = None

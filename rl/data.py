@@ -92,13 +92,17 @@ def read_edits(path: str | Path) -> list[EditRow]:
     return rows
 
 
-def load_source_image(path: Path, resolution: int) -> np.ndarray:
-    """The source image as uint8 [resolution, resolution, 3]: centre-cropped to a square, resized."""
+def load_source_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The source image as uint8 [height, width, 3] for size = (height, width): the largest
+    centred crop of the target's aspect ratio, resized."""
+    height, width = size
     with Image.open(path) as opened:
         image = opened.convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    # The crop keeps the target's aspect: as wide as the image allows, or as tall.
+    crop_width = min(image.width, round(image.height * width / height))
+    crop_height = min(image.height, round(image.width * height / width))
+    left, top = (image.width - crop_width) // 2, (image.height - crop_height) // 2
+    image = image.crop((left, top, left + crop_width, top + crop_height)).resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
 
 

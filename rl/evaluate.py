@@ -16,6 +16,7 @@ from rl.data import Item
 from rl.pictures import Row, labelled_grid
 from rl.rollout import SDESettings, rollout
 from rl.stats import nanmean, paired_change
+from models.base import image_size
 
 EVAL_STREAM = 1 << 30  # the "epoch" that seeds evaluation noise: the same images every evaluation
 SHOWN = 16  # evaluation samples shown in the pictures
@@ -54,6 +55,8 @@ class Evaluator:
         self.policy, self.rewards, self.ranks, self.tracker = policy, rewards, ranks, tracker
         self.sources, self.ema, self.show = sources, ema, show
         self.run_dir = Path(config.run_dir)
+        # Evaluation samples at its own size when eval.resolution is set (source images too).
+        self.size = image_size(config.eval.resolution if config.eval.resolution is not None else config.sample.resolution)
 
     @property
     def before_path(self) -> Path:
@@ -76,14 +79,14 @@ class Evaluator:
         images = items = None
         if indices:
             items = [self.items[i] for i in indices]
-            sources = self.sources(items)
+            sources = self.sources(items, self.size)
             ids = torch.tensor(indices)
             with torch.no_grad(), ema_weights(self.ema, self.policy.trainable_parameters()):
                 cond = self.policy.encode([item.text for item in items], source_images=sources)
                 batch = rollout(
                     self.policy, cond, torch.arange(len(indices)), ids, ids,
                     seed=config.seed if config.eval.noise_seed is None else config.eval.noise_seed, epoch=EVAL_STREAM, num_steps=config.eval.num_steps,
-                    guidance_scale=config.eval.guidance_scale, resolution=config.sample.resolution,
+                    guidance_scale=config.eval.guidance_scale, size=self.size,
                     batch_size=config.eval.batch_size, sde=SDESettings(config.sde.dynamics, config.sde.noise_level),
                     sde_steps=[], progress=self.show, desc="eval",
                 )

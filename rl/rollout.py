@@ -89,7 +89,7 @@ def rollout(
     epoch: int,
     num_steps: int,
     guidance_scale: float,
-    resolution: int,
+    size: "int | tuple[int, int]",
     batch_size: int,
     sde: SDESettings,
     sde_steps: Sequence[int],
@@ -104,7 +104,7 @@ def rollout(
     """Sample len(sample_ids) images in batches of batch_size.
 
     cond: the policy's conditioning for the epoch's unique prompts; prompt_rows picks each
-    sample's row. Steps in sde_steps are stochastic and recorded; the others are ODE steps.
+    sample's row. size: the images' (height, width) in pixels, or one int for square images. Steps in sde_steps are stochastic and recorded; the others are ODE steps.
     With sde_steps empty this is the deterministic ODE sampler used for evaluation.
     on_batch(first_index, images) is called as soon as a batch is decoded, so rewards can be
     scored while the next batch samples. keep_means also records each trained transition's
@@ -114,7 +114,7 @@ def rollout(
     forward-process objectives train on; keep_steps=False keeps nothing per step (no latents,
     log-probs or means: what those objectives do not need), whatever steps are stochastic.
     """
-    sigmas = policy.sigmas(num_steps, resolution).to(policy.device)
+    sigmas = policy.sigmas(num_steps, size).to(policy.device)
     sde_set = set(int(i) for i in sde_steps)
     step_indices = sorted(sde_set) if keep_steps else []
     out_latents, out_next, out_logp, out_means, out_final, out_images = [], [], [], [], [], []
@@ -127,9 +127,9 @@ def rollout(
         if same_initial_noise:
             groups = group_ids[start : start + batch_size]
             shared = [torch.Generator("cpu").manual_seed(sample_seed(seed, epoch, int(g), stream=GROUP_NOISE)) for g in groups]
-            x = policy.initial_noise(shared, resolution, batch_cond)
+            x = policy.initial_noise(shared, size, batch_cond)
         else:
-            x = policy.initial_noise(generators, resolution, batch_cond)
+            x = policy.initial_noise(generators, size, batch_cond)
         before, after, logps, means = [], [], [], []
         for i in range(num_steps):
             if i in sde_set:

@@ -40,6 +40,7 @@ from rl.loss import grpo_step_loss
 from rl.rollout import Rollout, SDESettings, rollout, transition
 from rl.sde import kl_scale, sde_step_indices
 from rl.stats import nanmean, nanstd
+from models.base import image_size
 
 
 @dataclass
@@ -80,19 +81,18 @@ class Advantages:
 
 
 class SourceImages:
-    """Editing: the items' source images at the training resolution, each decoded once per run."""
+    """Editing: the items' source images at an image size, each decoded once per run and size."""
 
-    def __init__(self, resolution: int):
-        self.resolution = resolution
+    def __init__(self):
         self._decoded: dict = {}
 
-    def __call__(self, items: list[Item]) -> list[np.ndarray] | None:
+    def __call__(self, items: list[Item], size: tuple[int, int]) -> list[np.ndarray] | None:
         if not items or items[0].source is None:
             return None
         for item in items:
-            if item.source not in self._decoded:
-                self._decoded[item.source] = load_source_image(item.source, self.resolution)
-        return [self._decoded[item.source] for item in items]
+            if (item.source, size) not in self._decoded:
+                self._decoded[item.source, size] = load_source_image(item.source, size)
+        return [self._decoded[item.source, size] for item in items]
 
 
 def reward_batch(images: torch.Tensor, items: list[Item], sources: list[np.ndarray] | None):
@@ -179,7 +179,8 @@ class Trainer:
         eval_items = read_items(data.eval_prompts, data.eval_edits)[: config.eval.num_prompts] if (data.eval_prompts or data.eval_edits) else []
         # Several samples per held-out prompt, each with its own noise (its own sample id).
         self.eval_items = [item for item in eval_items for _ in range(config.eval.samples_per_prompt)]
-        self.sources = SourceImages(config.sample.resolution)
+        self.sources = SourceImages()
+        self.sample_size = image_size(config.sample.resolution)
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
         if config.eval.pass_fail is not None and config.eval.pass_fail not in self.rewards.components:
             raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} is not a reward component; the components are: {', '.join(self.rewards.components)}")
@@ -356,7 +357,7 @@ class Trainer:
         # sampling and training.
         unique_groups, rows = torch.unique(drawn.group_ids, return_inverse=True)
         items = [drawn.items[int(g)] for g in unique_groups]
-        sources = self.sources(items)
+        sources = self.sources(items, self.sample_size)
         cond = self.policy.encode([item.text for item in items], source_images=sources)
         pending: list[Future] = []
 
@@ -374,7 +375,7 @@ class Trainer:
             batch = rollout(
                 self.policy, cond, rows, drawn.sample_ids, drawn.group_ids,
                 seed=config.seed, epoch=epoch, num_steps=config.sample.num_steps,
-                guidance_scale=config.sample.guidance_scale, resolution=config.sample.resolution,
+                guidance_scale=config.sample.guidance_scale, size=self.sample_size,
                 batch_size=config.sample.batch_size, sde=self.sde, sde_steps=self.sde_steps(epoch),
                 progress=self.show, on_batch=score_async, keep_means=config.train.grpo_guard,
                 same_initial_noise=config.sample.same_initial_noise, keep_final=config.train.objective != "grpo",

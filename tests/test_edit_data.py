@@ -53,7 +53,7 @@ def test_bad_row_is_reported_with_its_line_number(edit_dir, bad_line, message):
 
 
 def test_source_image_is_centre_cropped_and_resized(edit_dir):
-    image = load_source_image(edit_dir / "img" / "a.png", 32)
+    image = load_source_image(edit_dir / "img" / "a.png", (32, 32))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
 
 

@@ -79,45 +79,64 @@ def make_stock(tiny_dirs):
     return make
 
 
-def source_images(count: int, seed: int = 0) -> list[np.ndarray]:
+def source_images(count: int, seed: int = 0, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8) for _ in range(count)]
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def inputs(adapter: str, count: int, seed: int = 0) -> tuple[list[str], list[np.ndarray] | None]:
-    """Prompts (and, for Kontext, one source image each) for `count` rows."""
+def inputs(adapter: str, count: int, seed: int = 0, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> tuple[list[str], list[np.ndarray] | None]:
+    """Prompts (and, for Kontext, one source image each, of `size` (height, width)) for `count` rows."""
     if adapter == "flux_kontext":
-        return INSTRUCTIONS[:count], source_images(count, seed)
+        return INSTRUCTIONS[:count], source_images(count, seed, size)
     return PROMPTS[:count], None
 
 
-def packed_noise(pipe, generator_seed: int) -> torch.Tensor:
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """Unpacked [B, C, h, w] latents (the adapter's form) as the stock pipeline's [B, S, 4C] tokens."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._pack_latents(latents, *latents.shape)
+
+
+def unpack(tokens: torch.Tensor, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> torch.Tensor:
+    """The stock pipeline's tokens of an image of `size` (height, width) as [B, C, h, w] latents."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(tokens, *size, 8)
+
+
+def packed_noise(pipe, generator_seed: int, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> torch.Tensor:
     """[1, S, 64] noise drawn by hand: [C, h, w] from one generator, packed by the pipeline."""
-    side = 2 * GRID
-    noise = torch.randn((CHANNELS, side, side), generator=torch.Generator().manual_seed(generator_seed))[None]
-    return pipe._pack_latents(noise, 1, CHANNELS, side, side)
+    height, width = size[0] // 8, size[1] // 8
+    noise = torch.randn((CHANNELS, height, width), generator=torch.Generator().manual_seed(generator_seed))[None]
+    return pipe._pack_latents(noise, 1, CHANNELS, height, width)
 
 
-def initial_latents(pipe, seed: int, epoch: int, sample_id: int) -> torch.Tensor:
+def initial_latents(pipe, seed: int, epoch: int, sample_id: int, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> torch.Tensor:
     """A rollout sample's starting noise: its generator is seeded by (seed, epoch, sample id)."""
     from rl.rollout import sample_seed
 
-    return packed_noise(pipe, sample_seed(seed, epoch, sample_id))
+    return packed_noise(pipe, sample_seed(seed, epoch, sample_id), size)
 
 
 def random_latents(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn((batch, GRID * GRID, 4 * CHANNELS), generator=torch.Generator().manual_seed(seed))
+    """Unpacked latents [B, C, h, w] of a RESOLUTION-square image."""
+    return torch.randn((batch, CHANNELS, 2 * GRID, 2 * GRID), generator=torch.Generator().manual_seed(seed))
 
 
-def stock_sample(pipe, prompt: str, image: np.ndarray | None, latents: torch.Tensor, num_steps: int, guidance: float, output_type: str):
-    """The stock __call__ for one sample: final packed latents [1, S, 64] (output_type="latent") or
-    the uint8 image [H, W, 3] ("np")."""
+def stock_sample(
+    pipe, prompt: str, image: np.ndarray | None, latents: torch.Tensor, num_steps: int, guidance: float, output_type: str,
+    size: tuple[int, int] = (RESOLUTION, RESOLUTION),
+):
+    """The stock __call__ for one sample of `size` (height, width): final packed latents [1, S, 64]
+    (output_type="latent") or the uint8 image [H, W, 3] ("np")."""
+    height, width = size
     extra = {}
     if image is not None:
-        extra = {"image": Image.fromarray(image), "_auto_resize": False, "max_area": RESOLUTION * RESOLUTION}
+        extra = {"image": Image.fromarray(image), "_auto_resize": False, "max_area": height * width}
     out = pipe(
         prompt=prompt, latents=latents, num_inference_steps=num_steps, guidance_scale=guidance,
-        height=RESOLUTION, width=RESOLUTION, max_sequence_length=TEXT_LENGTH, output_type=output_type, **extra,
+        height=height, width=width, max_sequence_length=TEXT_LENGTH, output_type=output_type, **extra,
     ).images
     return out if output_type == "latent" else np.round(out[0] * 255).astype(np.uint8)
 
@@ -135,12 +154,14 @@ def stock_image_latents(pipe, image: np.ndarray) -> tuple[torch.Tensor, torch.Te
 
 def direct_velocity(pipe, network, latents, sigma, prompts, guidance, images=None) -> torch.Tensor:
     """One transformer call per sample the way the stock __call__ makes it: the stock prompt
-    encoding, the stock ids, `guidance` embedded; Kontext's source tokens appended and cut off."""
+    encoding, the stock ids, `guidance` embedded; Kontext's source tokens appended and cut off.
+    Unpacked latents [B, C, h, w] of a RESOLUTION-square image in and out."""
     rows = []
+    tokens = pack(latents)
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             embeds, pooled, text_ids = pipe.encode_prompt(prompt=[prompt], prompt_2=None, max_sequence_length=TEXT_LENGTH)
-            hidden = latents[i : i + 1]
+            hidden = tokens[i : i + 1]
             ids = pipe._prepare_latent_image_ids(1, GRID, GRID, "cpu", torch.float32)
             if images is not None:
                 image_latents, image_ids = stock_image_latents(pipe, images[i])
@@ -150,7 +171,7 @@ def direct_velocity(pipe, network, latents, sigma, prompts, guidance, images=Non
                 hidden_states=hidden, timestep=sigma[i : i + 1], guidance=torch.full([1], guidance),
                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False,
             )[0]
-            rows.append(out[:, : latents.shape[1]].float())
+            rows.append(unpack(out[:, : tokens.shape[1]].float()))
     return torch.cat(rows)
 
 
@@ -164,10 +185,10 @@ def sde_settings():
     return SDESettings(dynamics="flow_sde", noise_level=0.7)
 
 
-def ode_rollout(policy, cond, sample_ids, *, num_steps, guidance, seed, epoch, monkeypatch):
+def ode_rollout(policy, cond, sample_ids, *, num_steps, guidance, seed, epoch, monkeypatch, size=(RESOLUTION, RESOLUTION)):
     """The deterministic sampler (no SDE step) over rows 0..n-1; returns the rollout and the final
-    latents it decoded (compared too: a random tiny VAE can map small latent differences to the
-    same uint8 image)."""
+    latents it decoded, packed the stock pipeline's way (compared too: a random tiny VAE can map
+    small latent differences to the same uint8 image)."""
     from rl.rollout import rollout
 
     finals, decode = [], policy.decode
@@ -180,10 +201,10 @@ def ode_rollout(policy, cond, sample_ids, *, num_steps, guidance, seed, epoch, m
     count = len(sample_ids)
     batch = rollout(
         policy, cond, torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
-        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, resolution=RESOLUTION,
+        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
         batch_size=count, sde=sde_settings(), sde_steps=[],
     )
-    return batch, torch.cat(finals)
+    return batch, pack(torch.cat(finals))
 
 
 # ------------------------------------------------------------------ the tiny pipelines
@@ -280,49 +301,51 @@ def test_sigmas_are_the_stock_dynamically_shifted_schedule(make_policy):
     flux, kontext = make_policy("flux"), make_policy("flux_kontext")
     config = flux.pipe.scheduler.config
     schedules = {}
-    for resolution in (64, 512):
-        tokens = (resolution // 16) ** 2
+    for size in ((64, 64), (512, 512), (48, 400)):
+        tokens = (size[0] // 16) * (size[1] // 16)  # a non-square image counts its h x w tokens
         slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
         mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
         t = np.linspace(1.0, 1 / 8, 8)
         expected = torch.tensor(np.append(np.exp(mu) / (np.exp(mu) + (1 / t - 1)), 0.0), dtype=torch.float32)
-        sigmas = flux.sigmas(8, resolution)
+        sigmas = flux.sigmas(8, size)
         assert sigmas.dtype == torch.float32 and sigmas.shape == (9,) and sigmas[0] == 1.0 and sigmas[-1] == 0.0
         torch.testing.assert_close(sigmas, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(kontext.sigmas(8, resolution), sigmas, rtol=0, atol=0)
-        schedules[resolution] = sigmas
-    assert (schedules[512][1:-1] > schedules[64][1:-1]).all()
+        torch.testing.assert_close(kontext.sigmas(8, size), sigmas, rtol=0, atol=0)
+        schedules[size] = sigmas
+    torch.testing.assert_close(flux.sigmas(8, 64), schedules[64, 64], rtol=0, atol=0)  # one int: a square
+    assert (schedules[512, 512][1:-1] > schedules[48, 400][1:-1]).all() and (schedules[48, 400][1:-1] > schedules[64, 64][1:-1]).all()
 
 
 # ------------------------------------------------------------------ whole samples
 
 
+@pytest.mark.parametrize("size", [(RESOLUTION, RESOLUTION), (48, 96)], ids=["square", "48x96"])
 @pytest.mark.parametrize("adapter", ADAPTERS)
-def test_ode_rollout_reproduces_the_stock_pipeline(adapter, make_policy, make_stock, monkeypatch):
+def test_ode_rollout_reproduces_the_stock_pipeline(adapter, size, make_policy, make_stock, monkeypatch):
     """Our deterministic sampler (rl.rollout with no SDE step) draws, from the same noise, the
-    images of the stock pipeline: same schedule, guidance embedding, position ids, Kontext source
-    tokens and decoding."""
+    images of the stock pipeline, square or not: same schedule, guidance embedding, position ids,
+    Kontext source tokens and decoding."""
     policy, stock = make_policy(adapter), make_stock(adapter)
     num_steps, guidance, seed, epoch, sample_ids = 6, GUIDANCE[adapter], 5, 2, [3, 7]
-    prompts, images = inputs(adapter, 2)
+    prompts, images = inputs(adapter, 2, size=size)
     batch, finals = ode_rollout(
         policy, policy.encode(prompts, images), sample_ids, num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch,
-        monkeypatch=monkeypatch,
+        monkeypatch=monkeypatch, size=size,
     )
-    assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (2, RESOLUTION, RESOLUTION, 3)
+    assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (2, *size, 3)
     for i in range(2):
-        latents = initial_latents(stock, seed, epoch, sample_ids[i])
+        latents = initial_latents(stock, seed, epoch, sample_ids[i], size)
         image = None if images is None else images[i]
-        expected = stock_sample(stock, prompts[i], image, latents, num_steps, guidance, "latent")
+        expected = stock_sample(stock, prompts[i], image, latents, num_steps, guidance, "latent", size)
         torch.testing.assert_close(finals[i : i + 1], expected, rtol=0, atol=2e-5)
         # The stock call stepped through exactly our schedule, terminal 0 included.
         torch.testing.assert_close(batch.sigmas, stock.scheduler.sigmas, rtol=0, atol=1e-6)
-        expected_image = stock_sample(stock, prompts[i], image, latents, num_steps, guidance, "np")
+        expected_image = stock_sample(stock, prompts[i], image, latents, num_steps, guidance, "np", size)
         diff = pixel_diff(batch.images[i], expected_image)
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     # Not a vacuous match: other prompts and noise give other images, another guidance another sample.
     assert pixel_diff(batch.images[0], batch.images[1]).max() > 10
-    other = stock_sample(stock, prompts[1], None if images is None else images[1], latents, num_steps, 1.0, "latent")
+    other = stock_sample(stock, prompts[1], None if images is None else images[1], latents, num_steps, 1.0, "latent", size)
     assert (other - finals[1:]).abs().max() > 1e-3
 
 

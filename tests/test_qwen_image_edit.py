@@ -64,9 +64,9 @@ def stock(tiny_qwen):
     return pipe
 
 
-def source_images(count: int, seed: int = 0) -> list[np.ndarray]:
+def source_images(count: int, seed: int = 0, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8) for _ in range(count)]
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
 
 
 def stock_prompt_embeds(pipe, prompt: str, image: np.ndarray) -> torch.Tensor:
@@ -87,19 +87,37 @@ def stock_image_latents(pipe, image: np.ndarray) -> torch.Tensor:
     return image_latents
 
 
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """Unpacked [B, C, h, w] latents (the adapter's form) as the stock pipeline's [B, S, 4C] tokens."""
+    from diffusers import QwenImageEditPipeline
+
+    batch, channels, height, width = latents.shape
+    return QwenImageEditPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def unpack(tokens: torch.Tensor) -> torch.Tensor:
+    """The stock pipeline's tokens of a RESOLUTION-square image as [B, C, h, w] latents."""
+    from diffusers import QwenImageEditPipeline
+
+    return QwenImageEditPipeline._unpack_latents(tokens, RESOLUTION, RESOLUTION, RESOLUTION // (2 * GRID))[:, :, 0]
+
+
 def direct_velocity(network, latents, sigma, embeds, image_latents) -> torch.Tensor:
-    """One unguided transformer call the way the stock pipeline makes it (unpadded text, no mask)."""
+    """One unguided transformer call the way the stock pipeline makes it (unpadded text, no mask),
+    on unpacked latents [B, C, h, w]."""
+    tokens = pack(latents)
     with torch.no_grad():
         out = network(
-            hidden_states=torch.cat([latents, image_latents], dim=1), timestep=sigma,
+            hidden_states=torch.cat([tokens, image_latents], dim=1), timestep=sigma,
             encoder_hidden_states=embeds, encoder_hidden_states_mask=None,
             img_shapes=[[(1, GRID, GRID), (1, GRID, GRID)]] * latents.shape[0], return_dict=False,
         )[0]
-    return out[:, : latents.shape[1]].float()
+    return unpack(out[:, : tokens.shape[1]].float())
 
 
 def random_latents(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn((batch, GRID * GRID, 4 * CHANNELS), generator=torch.Generator().manual_seed(seed))
+    """Unpacked latents [B, C, h, w] of a RESOLUTION-square image."""
+    return torch.randn((batch, CHANNELS, 2 * GRID, 2 * GRID), generator=torch.Generator().manual_seed(seed))
 
 
 def assert_images_match(ours: np.ndarray, expected: np.ndarray) -> None:
@@ -226,15 +244,17 @@ def test_encode_rejects_missing_or_mismatched_source_images(make_policy):
 
 
 def stock_sample(pipe, module, image: np.ndarray, prompt: str, latents: torch.Tensor, num_steps: int, true_cfg_scale: float, output_type: str):
-    """The stock __call__ with the VAE condition kept at the caller's size (see the module docstring):
-    final packed latents [1, S, 16] (output_type="latent") or the uint8 image [H, W, 3] ("np")."""
+    """The stock __call__ with the VAE condition kept at the caller's size (see the module docstring),
+    the output of the source image's size: final packed latents [1, S, 16] (output_type="latent")
+    or the uint8 image [H, W, 3] ("np")."""
     real = module.calculate_dimensions
+    height, width = image.shape[:2]
 
     def caller_size(target_area, ratio):
         computed = real(target_area, ratio)  # (width, height[, None])
         if target_area != 1024 * 1024:  # the Plus pipeline's 384x384 VL condition keeps its own size
             return computed
-        return (RESOLUTION, RESOLUTION, *computed[2:])
+        return (width, height, *computed[2:])
 
     with mock.patch.object(module, "calculate_dimensions", caller_size):
         images = pipe(
@@ -244,22 +264,22 @@ def stock_sample(pipe, module, image: np.ndarray, prompt: str, latents: torch.Te
     return images if output_type == "latent" else np.round(images[0] * 255).astype(np.uint8)
 
 
-def packed_noise(pipe, generator_seed: int) -> torch.Tensor:
+def packed_noise(pipe, generator_seed: int, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> torch.Tensor:
     """[1, S, 16] noise drawn by hand: [C, h, w] from one generator, packed by the pipeline."""
-    side = RESOLUTION // 4
-    noise = torch.randn((CHANNELS, side, side), generator=torch.Generator().manual_seed(generator_seed))[None]
-    return pipe._pack_latents(noise, 1, CHANNELS, side, side)
+    height, width = size[0] // 4, size[1] // 4
+    noise = torch.randn((CHANNELS, height, width), generator=torch.Generator().manual_seed(generator_seed))[None]
+    return pipe._pack_latents(noise, 1, CHANNELS, height, width)
 
 
-def initial_latents(pipe, seed: int, epoch: int, sample_id: int) -> torch.Tensor:
+def initial_latents(pipe, seed: int, epoch: int, sample_id: int, size: tuple[int, int] = (RESOLUTION, RESOLUTION)) -> torch.Tensor:
     """A rollout sample's starting noise: its generator is seeded by (seed, epoch, sample id)."""
     from rl.rollout import sample_seed
 
-    return packed_noise(pipe, sample_seed(seed, epoch, sample_id))
+    return packed_noise(pipe, sample_seed(seed, epoch, sample_id), size)
 
 
-@pytest.mark.parametrize("plus", [False, True], ids=["edit", "edit_plus"])
-def test_ode_rollout_equals_the_stock_pipeline_call(make_policy, stock, tiny_qwen, tmp_path, monkeypatch, plus):
+@pytest.mark.parametrize(("plus", "size"), [(False, (RESOLUTION, RESOLUTION)), (True, (RESOLUTION, RESOLUTION)), (False, (48, 80))], ids=["edit", "edit_plus", "edit_48x80"])
+def test_ode_rollout_equals_the_stock_pipeline_call(make_policy, stock, tiny_qwen, tmp_path, monkeypatch, plus, size):
     from diffusers import QwenImageEditPlusPipeline
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
@@ -276,7 +296,7 @@ def test_ode_rollout_equals_the_stock_pipeline_call(make_policy, stock, tiny_qwe
     policy = make_policy(pretrained=pretrained)
     assert type(policy.pipe) is type(stock)
     num_steps, guidance, seed, epoch = 6, 4.0, 3, 1
-    images, prompts, sample_ids = source_images(2), PROMPTS[:2], [5, 9]
+    images, prompts, sample_ids = source_images(2, size=size), PROMPTS[:2], [5, 9]
     # The final latents the rollout decodes: compared too, because a random tiny VAE maps
     # small latent differences to identical uint8 images.
     finals, decode = [], policy.decode
@@ -288,21 +308,21 @@ def test_ode_rollout_equals_the_stock_pipeline_call(make_policy, stock, tiny_qwe
     monkeypatch.setattr(policy, "decode", recording_decode)
     batch = rollout(
         policy, policy.encode(prompts, images), torch.arange(2), torch.tensor(sample_ids), torch.arange(2),
-        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, resolution=RESOLUTION,
+        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
         batch_size=2, sde=sde_settings(), sde_steps=[],
     )
-    assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (2, RESOLUTION, RESOLUTION, 3)
+    assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (2, *size, 3)
     for i in range(2):
-        latents = initial_latents(stock, seed, epoch, sample_ids[i])
+        latents = initial_latents(stock, seed, epoch, sample_ids[i], size)
         expected = stock_sample(stock, module, images[i], prompts[i], latents, num_steps, guidance, "latent")
-        torch.testing.assert_close(finals[0][i : i + 1], expected, rtol=0, atol=2e-5)
+        torch.testing.assert_close(pack(finals[0][i : i + 1]), expected, rtol=0, atol=2e-5)
         expected_image = stock_sample(stock, module, images[i], prompts[i], latents, num_steps, guidance, "np")
         assert_images_match(batch.images[i].numpy(), expected_image)
         # The schedule the stock call used (dynamic shift for this size) is the rollout's.
         torch.testing.assert_close(batch.sigmas, stock.scheduler.sigmas, rtol=0, atol=0)
     # The comparison can fail: without guidance the stock sample is another one.
     unguided = stock_sample(stock, module, images[1], prompts[1], latents, num_steps, 1.0, "latent")
-    assert (unguided - finals[0][1:]).abs().max() > 1e-3
+    assert (unguided - pack(finals[0][1:])).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------ velocity
@@ -326,12 +346,13 @@ def test_guided_velocity_is_one_forward_equal_to_two_stock_calls_with_norm_resca
     for i, (prompt, image) in enumerate(zip(PROMPTS, images)):
         image_latents = stock_image_latents(stock, image)
         args = (policy.network, latents[i : i + 1], sigma[i : i + 1])
-        conditional = direct_velocity(*args, stock_prompt_embeds(stock, prompt, image), image_latents)
-        negative = direct_velocity(*args, stock_prompt_embeds(stock, " ", image), image_latents)
+        # The norm rescale is per token (over a packed token's 4C features): compared as tokens.
+        conditional = pack(direct_velocity(*args, stock_prompt_embeds(stock, prompt, image), image_latents))
+        negative = pack(direct_velocity(*args, stock_prompt_embeds(stock, " ", image), image_latents))
         combined = negative + guidance * (conditional - negative)
         expected = combined * (torch.linalg.vector_norm(conditional, dim=-1, keepdim=True) / torch.linalg.vector_norm(combined, dim=-1, keepdim=True))
-        torch.testing.assert_close(velocity[i : i + 1], expected, rtol=0, atol=1e-5)
-        torch.testing.assert_close(unguided[i : i + 1], conditional, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pack(velocity[i : i + 1]), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pack(unguided[i : i + 1]), conditional, rtol=0, atol=1e-5)
     assert velocity.dtype == torch.float32 and velocity.shape == latents.shape
     assert (velocity - unguided).abs().max() > 1e-3  # guidance must matter, or the check above proves nothing
 
@@ -345,7 +366,7 @@ def rollout_of(policy, cond, sample_ids, sde_steps, *, guidance=4.0, num_steps=4
     count = len(sample_ids)
     return rollout(
         policy, cond, torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
-        seed=7, epoch=0, num_steps=num_steps, guidance_scale=guidance, resolution=RESOLUTION,
+        seed=7, epoch=0, num_steps=num_steps, guidance_scale=guidance, size=RESOLUTION,
         batch_size=count, sde=sde_settings(), sde_steps=sde_steps,
     )
 
@@ -514,14 +535,14 @@ def test_initial_noise_and_decode_shapes(make_policy, stock):
     policy = make_policy()
     generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
     noise = policy.initial_noise(generators, RESOLUTION, None)
-    assert noise.dtype == torch.float32 and tuple(noise.shape) == (2, GRID * GRID, 4 * CHANNELS)
-    torch.testing.assert_close(noise[1:], packed_noise(stock, 2), rtol=0, atol=0)
+    assert noise.dtype == torch.float32 and tuple(noise.shape) == (2, CHANNELS, 2 * GRID, 2 * GRID)
+    torch.testing.assert_close(pack(noise[1:]), packed_noise(stock, 2), rtol=0, atol=0)
 
     images = policy.decode(noise)
     assert images.dtype == torch.uint8 and images.device.type == "cpu"
     assert tuple(images.shape) == (2, RESOLUTION, RESOLUTION, 3)
     # The stock decode: unpack, de-normalise with the VAE's statistics, decode one frame.
-    latents = stock._unpack_latents(noise, RESOLUTION, RESOLUTION, stock.vae_scale_factor)
+    latents = stock._unpack_latents(pack(noise), RESOLUTION, RESOLUTION, stock.vae_scale_factor)
     mean = torch.tensor(stock.vae.config.latents_mean).view(1, CHANNELS, 1, 1, 1)
     std = torch.tensor(stock.vae.config.latents_std).view(1, CHANNELS, 1, 1, 1)
     with torch.no_grad():

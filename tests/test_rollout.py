@@ -53,7 +53,7 @@ def run(policy, cond, rows, ids, *, num_steps=4, sde_steps=(0, 1, 2), batch_size
     rows, ids = torch.as_tensor(rows), torch.as_tensor(ids)
     return rollout(
         policy, cond, rows, ids, rows, seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=GUIDANCE,
-        resolution=RESOLUTION, batch_size=batch_size, sde=SDE, sde_steps=list(sde_steps), **kwargs,
+        size=RESOLUTION, batch_size=batch_size, sde=SDE, sde_steps=list(sde_steps), **kwargs,
     )
 
 
@@ -232,7 +232,7 @@ def test_same_initial_noise_is_shared_within_a_group_and_only_there(policy):
     rows, ids, groups = torch.zeros(4, dtype=torch.long), torch.tensor([5, 6, 7, 8]), torch.tensor([3, 3, 4, 4])
 
     def sample(sde_steps, batch_size=4, **kwargs):
-        return rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, resolution=RESOLUTION,
+        return rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, size=RESOLUTION,
                        batch_size=batch_size, sde=SDE, sde_steps=sde_steps, same_initial_noise=True, **kwargs)
 
     ode = sample([])
@@ -243,7 +243,7 @@ def test_same_initial_noise_is_shared_within_a_group_and_only_there(policy):
     sde = sample([0, 1, 2])
     assert pixel_diff(sde.images[0], sde.images[1]).max() > 10
     # Without the option every sample has its own start.
-    own = rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, resolution=RESOLUTION,
+    own = rollout(policy, cond, rows, ids, groups, seed=1, epoch=2, num_steps=4, guidance_scale=GUIDANCE, size=RESOLUTION,
                   batch_size=4, sde=SDE, sde_steps=[])
     assert pixel_diff(own.images[0], own.images[1]).max() > 10
 

@@ -119,7 +119,7 @@ def test_committed_model_draws_the_shapes_domain():
     ids = torch.arange(len(prompts))
     with torch.no_grad():
         batch = rollout(policy, cond, ids, ids, ids, seed=0, epoch=0, num_steps=10, guidance_scale=4.5,
-                        resolution=64, batch_size=8, sde=SDESettings("flow_sde", 0.7), sde_steps=[])
+                        size=64, batch_size=8, sde=SDESettings("flow_sde", 0.7), sde_steps=[])
     strict = ShapesGenEval()(RewardBatch(images=batch.images.numpy(), prompts=prompts)).scores["strict"]
     assert np.mean(strict) >= 0.5, strict
 
