@@ -2,7 +2,7 @@
 
 Score = exp(logit_scale) * cosine(text embedding, image embedding), both embeddings L2-normalised;
 that is the diagonal of CLIPModel's `logits_per_image`, computed per pair instead of for the whole
-B x B matrix. SD3.5 images score about 20 to 24; Flow-GRPO trains on score / 26 (scale=1/26).
+B x B matrix. Images of current text-to-image models score about 20 to 24; Flow-GRPO trains on score / 26 (scale=1/26).
 """
 
 from __future__ import annotations
@@ -82,6 +82,6 @@ class PickScore:
 
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         unscaled = self.unscaled_scores(batch.images, batch.prompts)
-        # The unscaled mean is logged because it is the number papers report (about 20 to 24 for SD3.5).
+        # The unscaled mean is logged because it is the number papers report (about 20 to 24 for current text-to-image models).
         extras = {"unscaled_mean": float(unscaled.mean())} if len(unscaled) else {}
         return RewardOutput(scores={self.components[0]: unscaled * self.scale}, extras=extras)

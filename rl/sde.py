@@ -32,7 +32,7 @@ def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """Return num_steps + 1 sigmas from 1 down to 0 (float64 -> float32), time-shifted.
 
     The shift s maps a uniform grid u to s * u / (1 + (s - 1) * u), spending more steps at high
-    noise; SD3 uses s = 3.
+    noise (3 is a common choice for text-to-image models).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -1,7 +1,7 @@
 """Flow-GRPO training: sample groups, score them, normalise advantages over all ranks, update.
 
     python -m rl.train configs/tiny_cpu.yaml [key=value ...]
-    accelerate launch --config_file launch/accelerate/zero2.yaml -m rl.train configs/sd35m_pickscore.yaml
+    accelerate launch --config_file launch/accelerate/zero2.yaml -m rl.train configs/CONFIG.yaml
 
 Both are the same program. This module is the only place that knows about accelerate, DeepSpeed
 and the tracker (rank helpers: rl.ranks; evaluation: rl.evaluate; the epoch's layout over ranks:
@@ -185,7 +185,7 @@ class Trainer:
         if config.eval.pass_fail is not None and config.eval.pass_fail not in self.rewards.components:
             raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} is not a reward component; the components are: {', '.join(self.rewards.components)}")
 
-        # Some adapters leave LoRA parameters without a gradient (Qwen-Image): DDP must know.
+        # Some adapters leave LoRA parameters without a gradient (they declare it): DDP must know.
         adapter = adapter_class(config.model.adapter)
         unused = getattr(adapter, "find_unused_parameters", False)
         # nft and awm train CFG-free: guidance 1, unless the model takes its guidance scale as an

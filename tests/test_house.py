@@ -155,3 +155,33 @@ def test_a_folder_shadowing_models_or_rewards_stops_the_trainer_with_a_message(t
     )
     assert result.returncode != 0
     assert f"finds {tmp_path / 'models'}" in result.stderr and "shadows it" in result.stderr, result.stderr[-2000:]
+
+
+# Each model family's names as code and prose write them; a new family adds its own.
+FAMILY_NAMES = [
+    r"sd\s?3(?:\.5)?", r"stable.?diffusion", r"qwen.?image", r"flux", r"kontext", r"klein", r"z.?image",
+]
+
+
+def family_mentions(text: str, extra: list[str] = ()) -> list[str]:
+    import re
+
+    names = FAMILY_NAMES + [re.escape(name).replace("_", "[-_ .]?") for name in extra]
+    pattern = re.compile("|".join(f"(?:{name})" for name in names), re.IGNORECASE)
+    return [match.group(0) for match in pattern.finditer(text)]
+
+
+def test_no_model_family_is_named_in_the_loop_or_the_rewards():
+    """Model-specific code lives in models/ only: no file of rl/ or rewards/ names a model family
+    or a registered adapter, in code or prose, so adding a family touches models/ and configs/."""
+    from models import ADAPTERS
+
+    assert family_mentions("loads FLUX.1 Kontext, Qwen-Image and SD3.5", ["z_image"]) == ["FLUX", "Kontext", "Qwen-Image", "SD3.5"]
+    assert family_mentions("Qwen3-VL judges", list(ADAPTERS)) == []  # the judges' VLM is not a family
+    found = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for package in ("rl", "rewards")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for name in family_mentions(path.read_text(), list(ADAPTERS))
+    ]
+    assert not found, "model families named outside models/:\n" + "\n".join(found)
