@@ -8,9 +8,12 @@ import importlib
 
 ADAPTERS: dict[str, str] = {
     "sd3": "models.sd3:SD3Policy",
+    "qwen_image": "models.qwen_image:QwenImagePolicy",
     "qwen_image_edit": "models.qwen_image_edit:QwenImageEditPolicy",
     "flux": "models.flux:FluxPolicy",
     "flux_kontext": "models.flux:FluxKontextPolicy",
+    "flux2_klein": "models.flux2:Flux2KleinPolicy",
+    "z_image": "models.z_image:ZImagePolicy",
 }
 
 

@@ -145,7 +145,8 @@ class DiffusersPolicy:
                     lora_alpha=config.lora.alpha,
                     lora_dropout=config.lora.dropout,
                     init_lora_weights="gaussian",
-                    target_modules=list(config.lora.target_modules),
+                    # A string is one regular expression (peft full-matches it); a list holds names.
+                    target_modules=config.lora.target_modules if isinstance(config.lora.target_modules, str) else list(config.lora.target_modules),
                 )
             )
             # Adapters train in fp32 even when the frozen base runs in bf16 (stable Adam updates).
@@ -279,23 +280,38 @@ class PackedLatents:
             )
         return Image.fromarray(array)
 
-    def sigmas(self, num_steps: int, size: "ImageSize") -> torch.Tensor:
-        """The pipeline scheduler's own schedule at this image size: the stock initial sigmas
-        linspace(1, 1/N, N), shifted with mu from the noisy image's token count (the dynamic shift
-        of FLUX.1 and Qwen-Image; condition tokens do not count; bigger images shift more), then
-        the terminal 0, through the pipeline module's own calculate_shift and retrieve_timesteps."""
-        stock = importlib.import_module(type(self.pipe).__module__)
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        settings = scheduler.config
-        rows, cols = self._grid(size)
-        mu = stock.calculate_shift(
-            rows * cols,
+    @property
+    def _pipeline_module(self):
+        """The module of the pipeline's class: its own schedule helpers (calculate_shift, ...)."""
+        return importlib.import_module(type(self.pipe).__module__)
+
+    def _initial_sigmas(self, num_steps: int):
+        """The sigmas the stock pipeline hands its scheduler before shifting: linspace(1, 1/N, N)."""
+        return np.linspace(1.0, 1 / num_steps, num_steps)
+
+    def _mu(self, tokens: int, num_steps: int) -> float:
+        """The shift parameter of the dynamic shift for an image of `tokens` packed tokens (the
+        noisy image's only; condition tokens do not count): calculate_shift, linear in the token
+        count between the scheduler config's two anchors, as FLUX.1 and Qwen-Image compute it."""
+        settings = self.pipe.scheduler.config
+        return self._pipeline_module.calculate_shift(
+            tokens,
             settings.get("base_image_seq_len", 256),
             settings.get("max_image_seq_len", 4096),
             settings.get("base_shift", 0.5),
             settings.get("max_shift", 1.15),
         )
-        stock.retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def sigmas(self, num_steps: int, size: "ImageSize") -> torch.Tensor:
+        """The pipeline scheduler's own schedule at this image size: the stock initial sigmas
+        shifted with mu from the image's token count (bigger images shift more where the
+        scheduler shifts dynamically), then the terminal 0, through the pipeline module's own
+        retrieve_timesteps."""
+        rows, cols = self._grid(size)
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        self._pipeline_module.retrieve_timesteps(
+            scheduler, num_steps, "cpu", sigmas=self._initial_sigmas(num_steps), mu=self._mu(rows * cols, num_steps)
+        )
         return scheduler.sigmas.to(torch.float32)
 
     def initial_noise(self, generators: Sequence[torch.Generator], size: "ImageSize", cond=None) -> torch.Tensor:

@@ -4,7 +4,7 @@ composed into the run config by rl.config (one docstring per field, shown in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field
 
@@ -17,14 +17,14 @@ class LoraSettings:
     """LoRA alpha; the update is scaled by alpha / rank."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """LoRA dropout. Keep 0: dropout would make the first inner step off-policy."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module names (peft target_modules) that get adapters."""
+    target_modules: Union[list[str], str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Modules that get adapters (peft's target_modules): a list of names, each matching a module's name or its last dotted parts, or one regular expression a module's full name must match (for modules a suffix cannot single out)."""
 
 
 @dataclass
 class ModelConfig:
     adapter: str = "sd3"
-    """Policy adapter (models.ADAPTERS): sd3, qwen_image_edit, flux (FLUX.1 [dev]), flux_kontext (FLUX.1 Kontext)."""
+    """Policy adapter (models.ADAPTERS): sd3 (Stable Diffusion 3 / 3.5), qwen_image, qwen_image_edit, flux (FLUX.1 [dev]), flux_kontext (FLUX.1 Kontext), flux2_klein (FLUX.2 [klein]), z_image (Z-Image / Z-Image-Turbo)."""
     pretrained: str = "stabilityai/stable-diffusion-3.5-medium"
     """Hub id or local directory of the diffusers pipeline, loaded with from_pretrained."""
     revision: Optional[str] = None
@@ -42,4 +42,4 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass to save memory."""
     max_sequence_length: Annotated[int, Field(ge=1)] = 256
-    """Prompt length in tokens (SD3: T5 tokens; must match what the model was trained with). Qwen-Image-Edit ignores it, as its pipelines do."""
+    """Prompt length in tokens, as the family's pipeline reads its max_sequence_length (must match what the model was trained with). Qwen-Image-Edit ignores it, as its pipelines do."""

@@ -152,6 +152,8 @@ class TrainConfig:
     """nft: how far the implicit positive and negative policies sit from the old one (DiffusionNFT's beta; 1.0 published, 0.1 for OCR and multi-reward runs)."""
     nft_optimality: Literal["linear", "positive_only", "binary"] = "linear"
     """nft: advantage to optimality probability: linear 0.5 + A / (2 adv_clip); positive_only treats below-average samples as neutral; binary uses the sign of A."""
+    nft_loss_scale: Positive = 5.0
+    """nft: factor on the policy loss (the KL term is not scaled): DiffusionNFT's 5.0; FIRM trains its few-step distilled generators with 0.5."""
     awm_steps: Count = 6
     """awm: timesteps each sample trains on per epoch, one drawn from each of this many equal strata of the rollout's timesteps (at most sample.num_steps)."""
     awm_weighting: Literal["ghuber", "mse", "t_mse", "t2_mse"] = "ghuber"

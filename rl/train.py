@@ -649,7 +649,9 @@ class Trainer:
                     v_ref = self.policy.velocity(x_t, sigma, cond, self.forward_guidance, network=reference)
         v_theta = self.policy.velocity(x_t, sigma, cond, self.forward_guidance)
         optimality = nft_optimality(advantages, t.nft_optimality, t.adv_clip)
-        loss, out = nft_loss(v_theta, v_old, x_t, x0, sigma, optimality, beta=t.nft_beta, kl=t.beta, v_ref=v_ref, sample_weights=weights)
+        loss, out = nft_loss(
+            v_theta, v_old, x_t, x0, sigma, optimality, beta=t.nft_beta, kl=t.beta, v_ref=v_ref, sample_weights=weights, scale=t.nft_loss_scale
+        )
         acc.backward(loss)
         return out
 

@@ -120,7 +120,11 @@ def forward_batch_sizes(network, fn):
     """Call fn() and return its result with the batch size of every forward `network` ran during
     it (checks such as "true CFG is ONE forward of 2B rows")."""
     sizes = []
-    handle = network.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    def record(module, args, kwargs):
+        # Most transformers take a batch tensor `hidden_states`; Z-Image's takes a list `x` of samples.
+        sizes.append(kwargs["hidden_states"].shape[0] if "hidden_states" in kwargs else len(kwargs["x"]))
+
+    handle = network.register_forward_pre_hook(record, with_kwargs=True)
     try:
         return fn(), sizes
     finally:

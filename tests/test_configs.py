@@ -94,10 +94,13 @@ def test_sweep_metric_is_a_logged_evaluation_metric():
     assert re.fullmatch(rf"eval/(?:reward|{components})(?:/change)?", sweep["metric"]["name"]), sweep["metric"]["name"]
 
 
-@pytest.mark.parametrize("name, trained_steps", [("sd35m_nft_firm_qma.yaml", 9), ("qwen_edit_nft_firm_cme.yaml", 5)])
+@pytest.mark.parametrize("name, trained_steps", [
+    ("sd35m_nft_firm_qma.yaml", 9), ("qwen_edit_nft_firm_cme.yaml", 5), ("z_image_turbo_firm_qma.yaml", 7), ("flux2_klein_nft_firm_qma.yaml", 9),
+])
 def test_real_nft_configs_lay_out_on_eight_gpus_with_the_published_trained_steps(name, trained_steps, configs_dir):
-    """DiffusionNFT trains 99 % of the rollout's timesteps: 9 of 10 (SD3.5-M), 5 of 6 (FIRM's
-    editing); both sample with ODE steps and CFG off, and lay out on 8 ranks."""
+    """DiffusionNFT trains 99 % of the rollout's timesteps: 9 of 10 (SD3.5-M, FLUX.2 [klein]), 5 of
+    6 (FIRM's editing), 7 of 8 (Z-Image-Turbo); all sample with ODE steps and CFG off, and lay out
+    on 8 ranks."""
     from rl.layout import EpochLayout
 
     config = load_config(configs_dir / name)

@@ -37,6 +37,18 @@ def test_nft_trains_and_its_old_policy_follows_by_the_published_decay(tiny_sd3, 
     assert trainer.layout.trained_steps == 3  # 99 % of 4 timesteps
 
 
+def test_nft_loss_scale_multiplies_the_policy_loss_and_its_gradient(tiny_sd3, tmp_path):
+    """train.nft_loss_scale (FIRM's 0.5 against DiffusionNFT's 5.0) reaches the loss: with the KL
+    off and one optimizer step from the same weights and samples, the logged policy loss and the
+    gradient norm scale by the ratio of the two."""
+    common = ("num_epochs=1", "sample.num_steps=4", "train.objective=nft", "train.beta=0", "train.num_minibatches=1", "train.max_grad_norm=1e6")
+    published = run_metrics(make_trainer(tiny_sd3, tmp_path / "published", *common))[0]
+    firm = run_metrics(make_trainer(tiny_sd3, tmp_path / "firm", *common, "train.nft_loss_scale=0.5"))[0]
+    assert firm["train/policy_loss"] == pytest.approx(published["train/policy_loss"] / 10, rel=1e-4)
+    assert firm["train/grad_norm"] == pytest.approx(published["train/grad_norm"] / 10, rel=1e-4)
+    assert firm["train/nft_loss_pos"] == pytest.approx(published["train/nft_loss_pos"], rel=1e-5)  # the same samples
+
+
 def test_nft_samples_with_the_old_policy(tiny_sd3, tmp_path):
     """A rollout of an nft trainer whose old weights differ from its trained ones draws the images
     the old weights draw, and leaves the trained weights as they were."""
