@@ -11,7 +11,7 @@ ADAPTERS: dict[str, str] = {
     "qwen_image": "models.qwen_image:QwenImagePolicy",
     "qwen_image_edit": "models.qwen_image_edit:QwenImageEditPolicy",
     "flux": "models.flux:FluxPolicy",
-    "flux_kontext": "models.flux:FluxKontextPolicy",
+    "flux_kontext": "models.flux_kontext:FluxKontextPolicy",
     "flux2_klein": "models.flux2:Flux2KleinPolicy",
     "z_image": "models.z_image:ZImagePolicy",
 }

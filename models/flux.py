@@ -1,19 +1,15 @@
-"""Policy adapters for the FLUX.1 family: FLUX.1 [dev] text-to-image (diffusers FluxPipeline) and
-FLUX.1 Kontext instruction editing (FluxKontextPipeline).
+"""Policy adapter for FLUX.1 [dev] text-to-image (diffusers FluxPipeline); FLUX.1 Kontext
+instruction editing (FluxKontextPipeline) is its subclass in models/flux_kontext.py.
 
-Everything FLUX-specific lives here: the pooled CLIP embedding next to the T5 token embeddings,
+Everything FLUX.1-specific lives in these two files; here: the pooled CLIP embedding next to the T5 token embeddings,
 packed 2x2 latents with their (frame, row, column) position ids and all-zero text ids, the
 guidance *embedding* of the guidance-distilled checkpoints, the dynamic (resolution-dependent)
-shift of the sigma schedule, and the VAE's scaling and shift factors. Kontext appends the source
-image's packed latents to the noisy tokens along the sequence, with position ids whose frame
-coordinate is 1.
+shift of the sigma schedule, and the VAE's scaling and shift factors; velocity also reads a
+Kontext condition's source tokens when the conditioning carries them.
 
 Guidance: FLUX.1 [dev] and Kontext [dev] are guidance-distilled. There is no negative prompt and
 no second forward; the transformer reads the guidance scale as an input (`guidance`), so
 `velocity(..., guidance_scale)` is always ONE forward of B rows, whatever the scale.
-
-Unlike the stock Kontext pipeline, which resizes every source image to one of its preferred ~1 MP
-resolutions, the condition is used at the size the caller gives (the training resolution).
 """
 
 from __future__ import annotations
@@ -22,12 +18,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
+from diffusers import DiffusionPipeline, FluxPipeline
 
 from models.base import DTYPES, DiffusersPolicy, PackedLatents
 from models.config import ModelConfig
 
-__all__ = ["FluxConditioning", "FluxKontextPolicy", "FluxPolicy"]
+__all__ = ["FluxConditioning", "FluxPolicy"]
 
 # The stock pipelines refuse longer T5 prompts (FLUX.1 was trained with at most 512 tokens).
 MAX_T5_TOKENS = 512
@@ -72,7 +68,7 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
         # weights) and runs under autocast.
         pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype)
         if type(pipe) is not self.pipeline_class:
-            other = {FluxPipeline: "flux", FluxKontextPipeline: "flux_kontext"}.get(type(pipe))
+            other = {"FluxPipeline": "flux", "FluxKontextPipeline": "flux_kontext"}.get(type(pipe).__name__)
             hint = f"use model.adapter={other}" if other else "point model.pretrained at a FLUX.1 checkpoint"
             raise ValueError(
                 f"{config.pretrained} holds a {type(pipe).__name__}; the {self.adapter_name} adapter needs a "
@@ -171,38 +167,3 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
-
-
-class FluxKontextPolicy(FluxPolicy):
-    """models.base.Policy for FLUX.1 Kontext editing checkpoints (e.g.
-    black-forest-labs/FLUX.1-Kontext-dev): FluxPolicy plus the source image's latents as a
-    second set of tokens. The stock default guidance of Kontext [dev] is 2.5."""
-
-    pipeline_class = FluxKontextPipeline
-    adapter_name = "flux_kontext"
-
-    def _encode_source(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Packed source latents [S_cond, 4C] of one image and their token grid, as the stock
-        pipeline computes them (the VAE posterior's mode, shifted and scaled), at the image's size."""
-        pil = self._source_image(image)
-        width, height = pil.size
-        pixels = self.pipe.image_processor.preprocess(pil, height, width)  # [1, 3, H, W] in [-1, 1]
-        latents = self.pipe._encode_vae_image(pixels.to(self.device, self.pipe.vae.dtype), generator=None)
-        latent_height, latent_width = latents.shape[2:]
-        packed = self.pipe._pack_latents(latents, 1, self._latent_channels, latent_height, latent_width)
-        return packed[0], (latent_height // 2, latent_width // 2)
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], source_images: Sequence | None = None) -> FluxConditioning:
-        """Encode (instruction, source image) pairs; row i belongs to prompts[i]. Each source image
-        goes through the VAE on its own, so a row does not depend on the others."""
-        if source_images is None:
-            raise ValueError("the flux_kontext adapter edits images: pass one source image per instruction (data.train_edits)")
-        if len(source_images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} instructions but {len(source_images)} source images; pass one image per instruction")
-        embeds, pooled = self._encode_text(prompts)
-        rows = [self._encode_source(image) for image in source_images]
-        grids = {grid for _, grid in rows}
-        if len(grids) > 1:
-            raise ValueError(f"source images of one batch must share one size, got latent grids {sorted(grids)}")
-        return FluxConditioning(embeds, pooled, torch.stack([latents for latents, _ in rows]), grids.pop())

