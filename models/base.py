@@ -123,13 +123,51 @@ FULL_WEIGHTS_FILE = "transformer.safetensors"
 class DiffusersPolicy:
     """What every diffusers-based adapter shares: LoRA or full fine-tuning of `pipe.transformer`,
     the reference policy, autocast, and saving the trainable weights in the pipeline's own format.
-    A subclass loads `self.pipe`, sets `self.config`, `self.device`, `self.compute_dtype`, then
+    A subclass names its pipeline classes, calls `_load_pipeline`, makes its own checks, then
     calls `_setup_training`."""
 
     pipe: "object"
     config: "object"
     device: torch.device
     compute_dtype: torch.dtype
+    pipeline_classes: "tuple[type, ...]" = ()
+    adapter_name: str = ""
+    example_checkpoint: str = ""
+
+    def _load_pipeline(self, config, device: torch.device | str, **extras) -> "object":
+        """Load `config.pretrained` through `DiffusionPipeline.from_pretrained` (the path a user
+        takes with a real checkpoint), check it is one of `pipeline_classes`, freeze every
+        network in it on `device`, and set `config`, `device`, `compute_dtype`. `extras` replace
+        components that would otherwise load as declared."""
+        from diffusers import DiffusionPipeline
+
+        self.config = config
+        self.device = torch.device(device)
+        self.compute_dtype = DTYPES[config.dtype]
+        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
+        # weights) and runs under autocast (`_setup_training`).
+        pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype, **extras)
+        if not isinstance(pipe, self.pipeline_classes):
+            needed = " or ".join(cls.__name__ for cls in self.pipeline_classes)
+            raise ValueError(
+                f"{config.pretrained} holds a {type(pipe).__name__}; the {self.adapter_name} adapter needs a "
+                f"{needed} checkpoint: {self._wrong_pipeline_hint(pipe)}"
+            )
+        pipe.set_progress_bar_config(disable=True)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval().to(self.device)
+        return pipe
+
+    def _wrong_pipeline_hint(self, pipe) -> str:
+        """The fix to print when `pipe` is not this adapter's pipeline: the adapter that takes it,
+        where one does."""
+        from models import ADAPTERS, adapter_class
+
+        for name in ADAPTERS:
+            if name != self.adapter_name and type(pipe) in getattr(adapter_class(name), "pipeline_classes", ()):
+                return f"use model.adapter={name}"
+        return f"point model.pretrained at one (e.g. {self.example_checkpoint})"
 
     def _setup_training(self, needs_reference: bool) -> None:
         from diffusers.training_utils import cast_training_params

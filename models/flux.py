@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline
+from diffusers import FluxPipeline
 
-from models.base import DTYPES, DiffusersPolicy, PackedLatents
+from models.base import DiffusersPolicy, PackedLatents
 from models.config import ModelConfig
 
 __all__ = ["FluxConditioning", "FluxPolicy"]
@@ -52,7 +52,8 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
     value of the guidance embedding (FLUX.1 [dev]'s default is 3.5), not a CFG weight.
     """
 
-    pipeline_class: type = FluxPipeline
+    pipeline_classes = (FluxPipeline,)
+    example_checkpoint = "black-forest-labs/FLUX.1-dev"
     adapter_name = "flux"
     # The guidance scale is an input of the network, not a CFG weight: forward-process objectives
     # (nft, awm) train at the scale the rollouts sample with, as FIRM trains Kontext at 2.5.
@@ -61,22 +62,7 @@ class FluxPolicy(PackedLatents, DiffusersPolicy):
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
         if config.max_sequence_length > MAX_T5_TOKENS:
             raise ValueError(f"model.max_sequence_length {config.max_sequence_length}: FLUX.1 takes at most {MAX_T5_TOKENS} T5 tokens")
-        self.config = config
-        self.device = torch.device(device)
-        self.compute_dtype = DTYPES[config.dtype]
-        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
-        # weights) and runs under autocast.
-        pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype)
-        if type(pipe) is not self.pipeline_class:
-            other = {"FluxPipeline": "flux", "FluxKontextPipeline": "flux_kontext"}.get(type(pipe).__name__)
-            hint = f"use model.adapter={other}" if other else "point model.pretrained at a FLUX.1 checkpoint"
-            raise ValueError(
-                f"{config.pretrained} holds a {type(pipe).__name__}; the {self.adapter_name} adapter needs a "
-                f"{self.pipeline_class.__name__} checkpoint: {hint}"
-            )
-        pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.transformer):
-            module.requires_grad_(False).eval().to(self.device)
+        pipe = self._load_pipeline(config, device)
         self.pipe = pipe
         self._setup_training(needs_reference)
 

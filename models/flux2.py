@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline
 
-from models.base import DTYPES, DiffusersPolicy, ImageSize, PackedLatents, draw_noise
+from models.base import DiffusersPolicy, ImageSize, PackedLatents, draw_noise
 from models.config import ModelConfig
 
 __all__ = ["Flux2KleinConditioning", "Flux2KleinPolicy"]
@@ -56,23 +56,12 @@ class Flux2KleinPolicy(PackedLatents, DiffusersPolicy):
     stay patchified grids, so the noise is this family's own.
     """
 
+    pipeline_classes = (Flux2KleinPipeline,)
     adapter_name = "flux2_klein"
+    example_checkpoint = "black-forest-labs/FLUX.2-klein-4B"
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
-        self.config = config
-        self.device = torch.device(device)
-        self.compute_dtype = DTYPES[config.dtype]
-        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
-        # weights) and runs under autocast.
-        pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype)
-        if not isinstance(pipe, Flux2KleinPipeline):
-            raise ValueError(
-                f"{config.pretrained} holds a {type(pipe).__name__}; the {self.adapter_name} adapter needs a "
-                "Flux2KleinPipeline checkpoint (e.g. black-forest-labs/FLUX.2-klein-4B)"
-            )
-        pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
-            module.requires_grad_(False).eval().to(self.device)
+        pipe = self._load_pipeline(config, device)
         self.pipe = pipe
         self.distilled = bool(pipe.config.is_distilled)
         self._setup_training(needs_reference)

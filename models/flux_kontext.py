@@ -23,7 +23,8 @@ class FluxKontextPolicy(FluxPolicy):
     black-forest-labs/FLUX.1-Kontext-dev): FluxPolicy plus the source image's latents as a
     second set of tokens. The stock default guidance of Kontext [dev] is 2.5."""
 
-    pipeline_class = FluxKontextPipeline
+    pipeline_classes = (FluxKontextPipeline,)
+    example_checkpoint = "black-forest-labs/FLUX.1-Kontext-dev"
     adapter_name = "flux_kontext"
 
     def _encode_source(self, image) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, QwenImagePipeline
+from diffusers import QwenImagePipeline
 
-from models.base import DTYPES, DiffusersPolicy, PackedLatents
+from models.base import DiffusersPolicy, PackedLatents
 from models.config import ModelConfig
 
 __all__ = ["NEGATIVE_PROMPT", "QwenConditioning", "QwenImagePolicy"]
@@ -89,6 +89,7 @@ class QwenImagePolicy(PackedLatents, DiffusersPolicy):
 
     pipeline_classes: tuple[type, ...] = (QwenImagePipeline,)
     adapter_name = "qwen_image"
+    example_checkpoint = "Qwen/Qwen-Image"
     reads_max_sequence_length = True
     # With LoRA on Qwen-Image some adapter weights get no gradient (the last block's text-stream
     # outputs feed nothing the image tokens read), so DDP must look for unused parameters.
@@ -97,36 +98,15 @@ class QwenImagePolicy(PackedLatents, DiffusersPolicy):
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
         if self.reads_max_sequence_length and config.max_sequence_length > MAX_TEXT_TOKENS:
             raise ValueError(f"model.max_sequence_length {config.max_sequence_length}: Qwen-Image takes at most {MAX_TEXT_TOKENS} text tokens")
-        self.config = config
-        self.device = torch.device(device)
-        self.compute_dtype = DTYPES[config.dtype]
-        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
-        # weights) and runs under autocast.
-        pipe = DiffusionPipeline.from_pretrained(
-            config.pretrained, revision=config.revision, dtype=self.compute_dtype, **self._load_extras(config)
-        )
-        if not isinstance(pipe, self.pipeline_classes):
-            raise ValueError(
-                f"{config.pretrained} holds a {type(pipe).__name__}; the {self.adapter_name} adapter needs a "
-                f"{' or '.join(cls.__name__ for cls in self.pipeline_classes)} checkpoint: {self._wrong_pipeline_hint(pipe)}"
-            )
+        pipe = self._load_pipeline(config, device, **self._load_extras(config))
         if pipe.transformer.config.guidance_embeds:
             raise ValueError(f"{config.pretrained}: guidance-distilled transformers (guidance_embeds=True) are not supported")
-        pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
-            module.requires_grad_(False).eval().to(self.device)
         self.pipe = pipe
         self._setup_training(needs_reference)
 
     def _load_extras(self, config: ModelConfig) -> dict:
         """Components to pass to from_pretrained instead of loading them as declared."""
         return {}
-
-    @staticmethod
-    def _wrong_pipeline_hint(pipe) -> str:
-        if "Edit" in type(pipe).__name__:
-            return "use model.adapter=qwen_image_edit"
-        return "point model.pretrained at a Qwen-Image checkpoint (e.g. Qwen/Qwen-Image)"
 
     # ------------------------------------------------------------------ conditioning
 

@@ -61,6 +61,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
     pipeline_classes = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
     adapter_name = "qwen_image_edit"
+    example_checkpoint = "Qwen/Qwen-Image-Edit"
     reads_max_sequence_length = False
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
@@ -73,12 +74,6 @@ class QwenImageEditPolicy(QwenImagePolicy):
         if _needs_image_only_processor(config.pretrained, config.revision):
             return {"processor": ImageOnlyQwen2VLProcessor.from_pretrained(config.pretrained, subfolder="processor", revision=config.revision)}
         return {}
-
-    @staticmethod
-    def _wrong_pipeline_hint(pipe) -> str:
-        if type(pipe).__name__ == "QwenImagePipeline":
-            return "use model.adapter=qwen_image"
-        return "point model.pretrained at a Qwen-Image-Edit checkpoint (e.g. Qwen/Qwen-Image-Edit)"
 
     # ------------------------------------------------------------------ conditioning
 

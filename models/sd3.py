@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from models.base import DTYPES, DiffusersPolicy, ImageSize, draw_noise, image_size
+from models.base import DiffusersPolicy, ImageSize, draw_noise, image_size
 from models.config import ModelConfig
 
 
@@ -32,19 +32,12 @@ class SD3Conditioning:
 
 
 class SD3Policy(DiffusersPolicy):
+    pipeline_classes = (StableDiffusion3Pipeline,)
+    adapter_name = "sd3"
+    example_checkpoint = "stabilityai/stable-diffusion-3.5-medium"
+
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
-        self.config = config
-        self.device = torch.device(device)
-        self.compute_dtype = DTYPES[config.dtype]
-        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
-        # weights) and runs under autocast.
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            config.pretrained, revision=config.revision, dtype=self.compute_dtype
-        )
-        pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae, pipe.transformer):
-            if module is not None:
-                module.requires_grad_(False).eval().to(self.device)
+        pipe = self._load_pipeline(config, device)
         self.pipe = pipe
         self._setup_training(needs_reference)
         self._negative = None

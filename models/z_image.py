@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, ZImagePipeline
+from diffusers import ZImagePipeline
 
-from models.base import DTYPES, DiffusersPolicy, PackedLatents
+from models.base import DiffusersPolicy, PackedLatents
 from models.config import ModelConfig
 
 __all__ = ["NEGATIVE_PROMPT", "ZImageConditioning", "ZImagePolicy"]
@@ -64,21 +64,12 @@ class ZImagePolicy(PackedLatents, DiffusersPolicy):
     Latents are [B, C, h, w] (h, w = image sides / 8, even); sides are multiples of 16 px.
     """
 
+    pipeline_classes = (ZImagePipeline,)
+    adapter_name = "z_image"
+    example_checkpoint = "Tongyi-MAI/Z-Image-Turbo"
+
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", *, needs_reference: bool = True):
-        self.config = config
-        self.device = torch.device(device)
-        self.compute_dtype = DTYPES[config.dtype]
-        # Frozen parts load in the compute dtype; a fully trained transformer stays fp32 (master
-        # weights) and runs under autocast.
-        pipe = DiffusionPipeline.from_pretrained(config.pretrained, revision=config.revision, dtype=self.compute_dtype)
-        if not isinstance(pipe, ZImagePipeline):
-            raise ValueError(
-                f"{config.pretrained} holds a {type(pipe).__name__}; the z_image adapter needs a ZImagePipeline "
-                "checkpoint (e.g. Tongyi-MAI/Z-Image-Turbo)"
-            )
-        pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
-            module.requires_grad_(False).eval().to(self.device)
+        pipe = self._load_pipeline(config, device)
         self.pipe = pipe
         self._setup_training(needs_reference)
 

@@ -129,3 +129,59 @@ def forward_batch_sizes(network, fn):
         return fn(), sizes
     finally:
         handle.remove()
+
+
+def pixel_diff(a, b):
+    """Per-pixel absolute difference of two uint8 images (arrays or tensors), as int16."""
+    import numpy as np
+
+    return np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
+
+
+def ode_rollout(policy, cond, sample_ids, *, size, num_steps, guidance, seed, epoch, monkeypatch):
+    """The deterministic sampler (no SDE step) over rows 0..n-1 of `cond`; returns the rollout and
+    the final latents it decoded, in the adapter's layout (compared too: a random tiny VAE can map
+    small latent differences to the same uint8 image)."""
+    import torch
+
+    from rl.rollout import SDESettings, rollout
+
+    finals, decode = [], policy.decode
+
+    def recording_decode(latents, cond=None):
+        finals.append(latents.clone())
+        return decode(latents, cond)
+
+    monkeypatch.setattr(policy, "decode", recording_decode)
+    count = len(sample_ids)
+    batch = rollout(
+        policy, cond, torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
+        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
+        batch_size=count, sde=SDESettings(dynamics="flow_sde", noise_level=0.7), sde_steps=[],
+    )
+    return batch, torch.cat(finals)
+
+
+def check_saved_lora(policy, make_fresh, stock, directory, *, velocity_inputs, stock_velocity, stock_final, our_final):
+    """The LoRA `policy.save_trainable` writes loads with the stock `pipe.load_lora_weights`: the
+    stock transformer then predicts our velocity (`stock_velocity()` on `velocity_inputs` =
+    latents, sigma, cond, guidance), the stock call draws our rollout's final latents
+    (`stock_final()` against `our_final()`, which the LoRA must change), and the trainer's resume
+    path (`make_fresh().load_trainable`) reads the same file back exactly."""
+    import torch
+
+    perturb_lora(policy.network, seed=5)
+    policy.save_trainable(directory)
+    before = stock_final()
+    stock.load_lora_weights(str(directory))
+    latents, sigma, cond, guidance = velocity_inputs
+    with torch.no_grad():
+        ours = policy.velocity(latents, sigma, cond, guidance)
+    torch.testing.assert_close(stock_velocity(), ours, rtol=0, atol=1e-5)
+    after = stock_final()
+    torch.testing.assert_close(after, our_final(), rtol=0, atol=2e-5)
+    assert (after - before).abs().max() > 1e-3, "the loaded LoRA must change the stock sample"
+    fresh = make_fresh()
+    fresh.load_trainable(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(latents, sigma, cond, guidance), ours, rtol=0, atol=0)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, forward_batch_sizes, perturb_lora, run_cli
+from conftest import ROOT, check_saved_lora, forward_batch_sizes, ode_rollout, perturb_lora, pixel_diff, run_cli
 
 RESOLUTION = 64  # tiny VAE x8 and 2x2 packing: a 4x4 grid of packed tokens
 GRID = RESOLUTION // 16
@@ -175,36 +175,10 @@ def direct_velocity(pipe, network, latents, sigma, prompts, guidance, images=Non
     return torch.cat(rows)
 
 
-def pixel_diff(a, b) -> np.ndarray:
-    return np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
-
-
 def sde_settings():
     from rl.rollout import SDESettings
 
     return SDESettings(dynamics="flow_sde", noise_level=0.7)
-
-
-def ode_rollout(policy, cond, sample_ids, *, num_steps, guidance, seed, epoch, monkeypatch, size=(RESOLUTION, RESOLUTION)):
-    """The deterministic sampler (no SDE step) over rows 0..n-1; returns the rollout and the final
-    latents it decoded, packed the stock pipeline's way (compared too: a random tiny VAE can map
-    small latent differences to the same uint8 image)."""
-    from rl.rollout import rollout
-
-    finals, decode = [], policy.decode
-
-    def recording_decode(latents, cond=None):
-        finals.append(latents.clone())
-        return decode(latents, cond)
-
-    monkeypatch.setattr(policy, "decode", recording_decode)
-    count = len(sample_ids)
-    batch = rollout(
-        policy, cond, torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
-        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
-        batch_size=count, sde=sde_settings(), sde_steps=[],
-    )
-    return batch, pack(torch.cat(finals))
 
 
 # ------------------------------------------------------------------ the tiny pipelines
@@ -333,6 +307,7 @@ def test_ode_rollout_reproduces_the_stock_pipeline(adapter, size, make_policy, m
         policy, policy.encode(prompts, images), sample_ids, num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch,
         monkeypatch=monkeypatch, size=size,
     )
+    finals = pack(finals)
     assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (2, *size, 3)
     for i in range(2):
         latents = initial_latents(stock, seed, epoch, sample_ids[i], size)
@@ -411,34 +386,22 @@ def test_reference_is_the_base_model_and_lora_comes_back(adapter, make_policy, m
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_saved_lora_changes_the_stock_pipeline_as_our_velocity_predicts(adapter, make_policy, make_stock, monkeypatch, tmp_path):
-    """The LoRA save_trainable writes (alpha != rank) loads with the stock pipe.load_lora_weights:
-    the stock transformer then predicts our velocity and the stock call draws our rollout's sample;
-    the trainer's resume path reads the same file back."""
+    """A saved LoRA (alpha != rank) loads with the stock load_lora_weights and reproduces our
+    velocity and rollout; resume reads it back (conftest.check_saved_lora)."""
     policy, stock = make_policy(adapter, rank=4, alpha=8), make_stock(adapter)
-    perturb_lora(policy.network, seed=5)
-    policy.save_trainable(tmp_path)
     prompts, images = inputs(adapter, 1, seed=6)
     image = None if images is None else images[0]
     guidance, num_steps, seed, epoch = GUIDANCE[adapter], 3, 1, 0
     noise = initial_latents(stock, seed, epoch, 0)
-    before = stock_sample(stock, prompts[0], image, noise, num_steps, guidance, "latent")
-    stock.load_lora_weights(str(tmp_path))
-
     cond = policy.encode(prompts, images)
     latents, sigma = random_latents(1, seed=6), torch.tensor([0.6])
-    with torch.no_grad():
-        ours = policy.velocity(latents, sigma, cond, guidance)
-    torch.testing.assert_close(direct_velocity(stock, stock.transformer, latents, sigma, prompts, guidance, images), ours, rtol=0, atol=1e-5)
-
-    _, finals = ode_rollout(policy, cond, [0], num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch, monkeypatch=monkeypatch)
-    after = stock_sample(stock, prompts[0], image, noise, num_steps, guidance, "latent")
-    torch.testing.assert_close(after, finals, rtol=0, atol=2e-5)
-    assert (after - before).abs().max() > 1e-3, "the loaded LoRA must change the stock sample"
-
-    fresh = make_policy(adapter, rank=4, alpha=8)
-    fresh.load_trainable(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(latents, sigma, cond, guidance), ours, rtol=0, atol=0)
+    check_saved_lora(
+        policy, lambda: make_policy(adapter, rank=4, alpha=8), stock, tmp_path,
+        velocity_inputs=(latents, sigma, cond, guidance),
+        stock_velocity=lambda: direct_velocity(stock, stock.transformer, latents, sigma, prompts, guidance, images),
+        stock_final=lambda: stock_sample(stock, prompts[0], image, noise, num_steps, guidance, "latent"),
+        our_final=lambda: pack(ode_rollout(policy, cond, [0], size=(RESOLUTION, RESOLUTION), num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch, monkeypatch=monkeypatch)[1]),
+    )
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import forward_batch_sizes, perturb_lora, run_cli
+from conftest import check_saved_lora, forward_batch_sizes, ode_rollout, perturb_lora, pixel_diff, run_cli
 
 SQUARE = (64, 64)  # (height, width): a 4 x 4 token grid (x8 VAE, 2x2 patches)
 WIDE = (48, 80)  # a 3 x 5 grid: rows and columns differ, so a swapped axis shows
@@ -142,34 +142,6 @@ def direct_velocity(pipe, network, latents, sigma, prompts, guidance) -> torch.T
                 out = negative + guidance * (out - negative)
             out_rows.append(pipe._unpack_latents_with_ids(out, ids, rows, cols))
     return torch.cat(out_rows)
-
-
-def pixel_diff(a, b) -> np.ndarray:
-    return np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
-
-
-def ode_rollout(policy, cond, sample_ids, *, num_steps, guidance, seed, epoch, size, monkeypatch):
-    """The deterministic sampler (no SDE step) over rows 0..n-1; returns the rollout and the final
-    latent grids it decoded, packed the stock pipeline's way (compared too: a random tiny VAE can
-    map small latent differences to the same uint8 image)."""
-    from diffusers import Flux2KleinPipeline
-
-    from rl.rollout import SDESettings, rollout
-
-    finals, decode = [], policy.decode
-
-    def recording_decode(latents, cond=None):
-        finals.append(latents.clone())
-        return decode(latents, cond)
-
-    monkeypatch.setattr(policy, "decode", recording_decode)
-    count = len(sample_ids)
-    batch = rollout(
-        policy, cond, torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
-        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
-        batch_size=count, sde=SDESettings(dynamics="flow_sde", noise_level=0.7), sde_steps=[],
-    )
-    return batch, Flux2KleinPipeline._pack_latents(torch.cat(finals))
 
 
 # ------------------------------------------------------------------ the tiny pipelines
@@ -302,6 +274,8 @@ def test_ode_rollout_reproduces_the_stock_pipeline(kind, size, make_policy, make
     latents and images of the stock pipeline: same prompt encoding, schedule, position ids,
     guidance convention (none for the distilled klein, true CFG for the base), normalisation and
     decoding, at a square and a non-square size."""
+    from diffusers import Flux2KleinPipeline
+
     policy, stock = make_policy(kind), make_stock(kind)
     num_steps, guidance, seed, epoch, sample_ids = 6, GUIDANCE[kind], 5, 2, [3, 7]
     prompts = PROMPTS[:2]
@@ -309,6 +283,7 @@ def test_ode_rollout_reproduces_the_stock_pipeline(kind, size, make_policy, make
         policy, policy.encode(prompts), sample_ids, num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch,
         size=size, monkeypatch=monkeypatch,
     )
+    finals = Flux2KleinPipeline._pack_latents(finals)
     assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape) == (2, *size, 3)
     for i in range(2):
         expected, expected_image = stock_sample(stock, prompts[i], initial_latents(seed, epoch, sample_ids[i], size), num_steps, guidance, size)
@@ -378,33 +353,23 @@ def test_reference_is_the_base_model_and_lora_comes_back(kind, make_policy, make
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_lora_changes_the_stock_pipeline_as_our_velocity_predicts(kind, make_policy, make_stock, monkeypatch, tmp_path):
-    """The LoRA save_trainable writes (alpha != rank, every target incl. the feed-forwards and the
-    single blocks' fused projection) loads with the stock pipe.load_lora_weights: the stock
-    transformer then predicts our velocity and the stock call draws our rollout's sample; the
-    trainer's resume path reads the same file back."""
+    """A saved LoRA (alpha != rank, every target incl. the feed-forwards and the single blocks'
+    fused projection) loads with the stock load_lora_weights and reproduces our velocity and
+    rollout; resume reads it back (conftest.check_saved_lora)."""
+    from diffusers import Flux2KleinPipeline
+
     policy, stock = make_policy(kind, rank=4, alpha=8), make_stock(kind)
-    perturb_lora(policy.network, seed=5)
-    policy.save_trainable(tmp_path)
     guidance, num_steps, seed, epoch, size = GUIDANCE[kind], 3, 1, 0, WIDE
     noise = initial_latents(seed, epoch, 0, size)
-    before, _ = stock_sample(stock, PROMPTS[0], noise, num_steps, guidance, size)
-    stock.load_lora_weights(str(tmp_path))
-
     cond = policy.encode(PROMPTS[:1])
     latents, sigma = random_latents(1, size, seed=6), torch.tensor([0.6])
-    with torch.no_grad():
-        ours = policy.velocity(latents, sigma, cond, guidance)
-    torch.testing.assert_close(direct_velocity(stock, stock.transformer, latents, sigma, PROMPTS[:1], guidance), ours, rtol=0, atol=1e-5)
-
-    _, finals = ode_rollout(policy, cond, [0], num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch, size=size, monkeypatch=monkeypatch)
-    after, _ = stock_sample(stock, PROMPTS[0], noise, num_steps, guidance, size)
-    torch.testing.assert_close(after, finals, rtol=0, atol=2e-5)
-    assert (after - before).abs().max() > 1e-3, "the loaded LoRA must change the stock sample"
-
-    fresh = make_policy(kind, rank=4, alpha=8)
-    fresh.load_trainable(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(latents, sigma, cond, guidance), ours, rtol=0, atol=0)
+    check_saved_lora(
+        policy, lambda: make_policy(kind, rank=4, alpha=8), stock, tmp_path,
+        velocity_inputs=(latents, sigma, cond, guidance),
+        stock_velocity=lambda: direct_velocity(stock, stock.transformer, latents, sigma, PROMPTS[:1], guidance),
+        stock_final=lambda: stock_sample(stock, PROMPTS[0], noise, num_steps, guidance, size)[0],
+        our_final=lambda: Flux2KleinPipeline._pack_latents(ode_rollout(policy, cond, [0], size=size, num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch, monkeypatch=monkeypatch)[1]),
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

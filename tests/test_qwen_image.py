@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import forward_batch_sizes, perturb_lora, run_cli
+from conftest import forward_batch_sizes, ode_rollout, perturb_lora, pixel_diff, run_cli
 
 RESOLUTION = 64  # tiny VAE x4 and 2x2 packing: an 8x8 grid of packed tokens
 CHANNELS = 4  # tiny VAE latent channels (16 packed)
@@ -114,29 +114,6 @@ def stock_sample(pipe, prompt: str, latents: torch.Tensor, num_steps: int, guida
     return out if output_type == "latent" else np.round(out[0] * 255).astype(np.uint8)
 
 
-def ode_rollout(policy, prompts, sample_ids, *, num_steps, guidance, seed, epoch, size, monkeypatch):
-    from rl.rollout import SDESettings, rollout
-
-    finals, decode = [], policy.decode
-
-    def recording_decode(latents, cond=None):
-        finals.append(latents.clone())
-        return decode(latents, cond)
-
-    monkeypatch.setattr(policy, "decode", recording_decode)
-    count = len(sample_ids)
-    batch = rollout(
-        policy, policy.encode(prompts), torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
-        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
-        batch_size=count, sde=SDESettings("flow_sde", 0.7), sde_steps=[],
-    )
-    return batch, pack(torch.cat(finals))
-
-
-def pixel_diff(a, b) -> np.ndarray:
-    return np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
-
-
 # ------------------------------------------------------------------ fixture, encoding, schedule
 
 
@@ -223,8 +200,9 @@ def test_ode_rollout_reproduces_the_stock_pipeline(size, guidance, make_policy, 
     policy = make_policy()
     num_steps, seed, epoch, sample_ids = 5, 3, 1, [4, 9]
     batch, finals = ode_rollout(
-        policy, PROMPTS[:2], sample_ids, num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch, size=size, monkeypatch=monkeypatch,
+        policy, policy.encode(PROMPTS[:2]), sample_ids, num_steps=num_steps, guidance=guidance, seed=seed, epoch=epoch, size=size, monkeypatch=monkeypatch,
     )
+    finals = pack(finals)
     assert tuple(batch.images.shape) == (2, *size, 3)
     for i in range(2):
         start = initial_tokens(seed, epoch, sample_ids[i], size)
@@ -279,7 +257,8 @@ def test_reference_is_the_base_model_and_saved_lora_loads_into_the_stock_pipelin
     policy.save_trainable(tmp_path)
     stock.load_lora_weights(str(tmp_path))
     torch.testing.assert_close(pack(adapted), direct_velocity(stock, stock.transformer, latents, sigma, PROMPTS[0]), rtol=0, atol=1e-5)
-    _, finals = ode_rollout(policy, PROMPTS[:1], [0], num_steps=3, guidance=GUIDANCE, seed=1, epoch=0, size=(RESOLUTION, RESOLUTION), monkeypatch=monkeypatch)
+    _, finals = ode_rollout(policy, cond, [0], num_steps=3, guidance=GUIDANCE, seed=1, epoch=0, size=(RESOLUTION, RESOLUTION), monkeypatch=monkeypatch)
+    finals = pack(finals)
     after = stock_sample(stock, PROMPTS[0], initial_tokens(1, 0, 0, (RESOLUTION, RESOLUTION)), 3, GUIDANCE, "latent", (RESOLUTION, RESOLUTION))
     torch.testing.assert_close(after, finals, rtol=0, atol=2e-5)
     fresh = make_policy(rank=4, alpha=8)

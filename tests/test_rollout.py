@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import guided_transformer_velocity
+from conftest import guided_transformer_velocity, pixel_diff
 from rl.rollout import SDESettings, rollout, sample_seed, transition
 
 PROMPTS = ["a red cube on a wooden table", "two cats", "the sea at night, oil painting"]
@@ -55,10 +55,6 @@ def run(policy, cond, rows, ids, *, num_steps=4, sde_steps=(0, 1, 2), batch_size
         policy, cond, rows, ids, rows, seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=GUIDANCE,
         size=RESOLUTION, batch_size=batch_size, sde=SDE, sde_steps=list(sde_steps), **kwargs,
     )
-
-
-def pixel_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
-    return np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
 
 
 # ------------------------------------------------------------------ the ODE sampler
@@ -261,5 +257,6 @@ def test_forward_objective_rollouts_keep_the_final_latent_and_nothing_per_step(p
     for kept in (light.latents, light.next_latents, light.log_probs, light.means):
         assert kept.numel() == 0
     assert light.step_indices == []
-    decoded = policy.decode(light.final_latents, cond.take(rows))
+    # Decoded in the rollout's own batches (2 + 1): a conv's rounding may depend on the batch size.
+    decoded = torch.cat([policy.decode(light.final_latents[part], cond.take(rows[part])) for part in (slice(0, 2), slice(2, 3))])
     assert torch.equal(decoded, light.images)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, forward_batch_sizes, perturb_lora, run_cli
+from conftest import ROOT, check_saved_lora, forward_batch_sizes, ode_rollout, perturb_lora, pixel_diff, run_cli
 
 SQUARE = (64, 64)  # (height, width) px: x8 VAE and 2x2 patches, a 4x4 grid of image tokens
 NON_SQUARE = (48, 80)  # a 3x5 grid
@@ -117,32 +117,6 @@ def direct_velocity(pipe, network, latents, sigma, prompts, guidance) -> torch.T
     return torch.stack(rows)
 
 
-def pixel_diff(a, b) -> np.ndarray:
-    return np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
-
-
-def ode_rollout(policy, cond, sample_ids, *, size, num_steps, guidance, seed, epoch, monkeypatch):
-    """The deterministic sampler (no SDE step) over rows 0..n-1; returns the rollout and the final
-    latents it decoded (compared too: a random tiny VAE can map small latent differences to the
-    same uint8 image)."""
-    from rl.rollout import SDESettings, rollout
-
-    finals, decode = [], policy.decode
-
-    def recording_decode(latents, cond=None):
-        finals.append(latents.clone())
-        return decode(latents, cond)
-
-    monkeypatch.setattr(policy, "decode", recording_decode)
-    count = len(sample_ids)
-    batch = rollout(
-        policy, cond, torch.arange(count), torch.tensor(sample_ids), torch.arange(count),
-        seed=seed, epoch=epoch, num_steps=num_steps, guidance_scale=guidance, size=size,
-        batch_size=count, sde=SDESettings(dynamics="flow_sde", noise_level=0.7), sde_steps=[],
-    )
-    return batch, torch.cat(finals)
-
-
 # ------------------------------------------------------------------ the tiny pipeline
 
 
@@ -196,7 +170,7 @@ def test_adapter_rejects_the_wrong_inputs_and_checkpoints(make_policy, tmp_path)
         policy.sigmas(4, (72, 64))
     with pytest.raises(ValueError, match="sample.guidance_scale / eval.guidance_scale to 1.0"):
         policy.velocity(random_latents(1, SQUARE), torch.tensor([0.5]), policy.encode(PROMPTS[:1]), 0.0)
-    with pytest.raises(ValueError, match="needs a ZImagePipeline"):
+    with pytest.raises(ValueError, match="needs a ZImagePipeline checkpoint: use model.adapter=flux$"):
         make_policy(pretrained=build_tiny_flux(tmp_path / "flux"))
 
 
@@ -345,33 +319,21 @@ def test_reference_is_the_base_model_and_lora_comes_back(make_policy, stock, tin
 
 
 def test_saved_lora_changes_the_stock_pipeline_as_our_velocity_predicts(make_policy, stock, monkeypatch, tmp_path):
-    """The LoRA save_trainable writes (alpha != rank) loads with the stock pipe.load_lora_weights:
-    the stock transformer then predicts our velocity and the stock call draws our rollout's sample;
-    the trainer's resume path reads the same file back."""
+    """A saved LoRA (alpha != rank) loads with the stock load_lora_weights and reproduces our
+    velocity and rollout; resume reads it back (conftest.check_saved_lora)."""
     policy = make_policy(rank=4, alpha=8)
-    perturb_lora(policy.network, seed=5)
-    policy.save_trainable(tmp_path)
     prompts = PROMPTS[2:]
     num_steps, seed, epoch = 3, 1, 0
     noise = initial_latents(seed, epoch, 0, NON_SQUARE)
-    before = stock_sample(stock, prompts[0], noise, NON_SQUARE, num_steps, 1.0, "latent")
-    stock.load_lora_weights(str(tmp_path))
-
     cond = policy.encode(prompts)
     latents, sigma = random_latents(1, NON_SQUARE, seed=6), torch.tensor([0.6])
-    with torch.no_grad():
-        ours = policy.velocity(latents, sigma, cond, 1.0)
-    torch.testing.assert_close(direct_velocity(stock, stock.transformer, latents, sigma, prompts, 1.0), ours, rtol=0, atol=1e-5)
-
-    _, finals = ode_rollout(policy, cond, [0], size=NON_SQUARE, num_steps=num_steps, guidance=1.0, seed=seed, epoch=epoch, monkeypatch=monkeypatch)
-    after = stock_sample(stock, prompts[0], noise, NON_SQUARE, num_steps, 1.0, "latent")
-    torch.testing.assert_close(after, finals, rtol=0, atol=2e-5)
-    assert (after - before).abs().max() > 1e-3, "the loaded LoRA must change the stock sample"
-
-    fresh = make_policy(rank=4, alpha=8)
-    fresh.load_trainable(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(latents, sigma, cond, 1.0), ours, rtol=0, atol=0)
+    check_saved_lora(
+        policy, lambda: make_policy(rank=4, alpha=8), stock, tmp_path,
+        velocity_inputs=(latents, sigma, cond, 1.0),
+        stock_velocity=lambda: direct_velocity(stock, stock.transformer, latents, sigma, prompts, 1.0),
+        stock_final=lambda: stock_sample(stock, prompts[0], noise, NON_SQUARE, num_steps, 1.0, "latent"),
+        our_final=lambda: ode_rollout(policy, cond, [0], size=NON_SQUARE, num_steps=num_steps, guidance=1.0, seed=seed, epoch=epoch, monkeypatch=monkeypatch)[1],
+    )
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["no-cfg", "cfg"])
