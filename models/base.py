@@ -89,17 +89,22 @@ def lora_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
 def lora_disabled(network: torch.nn.Module, layers: list[torch.nn.Module] | None = None) -> Iterator[None]:
     """Reference policy of a LoRA-adapted diffusers model: the same weights, adapters off.
 
-    Toggles each of peft's tuner layers (`layers`, found once by the caller) directly. diffusers'
-    `disable_adapters()` / `enable_adapters()` do the same per layer but walk every module and
-    read peft's package metadata on each call, which GRPO's KL and NFT pay several times a step."""
+    For forward passes without gradients (GRPO's KL, NFT's and AWM's reference): only the flag
+    each peft tuner layer's forward reads (`disable_adapters`) is switched, on the layers found
+    once by the caller. peft's `enable_adapters` also resets the adapters' requires_grad and
+    re-selects the active adapter on every call, and diffusers' `disable_adapters()` walks every
+    module and reads peft's package metadata: GRPO's KL and NFT switch several times a step."""
     layers = lora_layers(network) if layers is None else layers
+    if layers and not hasattr(layers[0], "_disable_adapters"):
+        raise RuntimeError("this peft version keeps no _disable_adapters flag on its tuner layers; pin peft to a version that does")
+    previous = [layer._disable_adapters for layer in layers]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, value in zip(layers, previous):
+            layer._disable_adapters = value
 
 
 def draw_noise(
@@ -200,13 +205,15 @@ class DiffusersPolicy:
         if config.gradient_checkpointing:
             self.network.enable_gradient_checkpointing()
         self.transformer = self.network
+        # Found once: the trainer asks for them several times a step (weight swaps, checks).
+        self._trainable = [p for p in self.network.parameters() if p.requires_grad]
 
     def _autocast(self):
         enabled = self.compute_dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.network.parameters() if p.requires_grad]
+        return list(self._trainable)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:

@@ -15,6 +15,8 @@ WORKERS: dict[str, str] = {
     "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "rewards.jpeg:jpeg_incompressibility",
     "pickscore": "rewards.pickscore:PickScore",
+    "clipscore": "rewards.clip_scores:CLIPScore",
+    "aesthetic": "rewards.clip_scores:LaionAesthetic",
     "artifact": "rewards.artifact:ArtifactDetector",
     "clip_probe": "rewards.artifact:ClipProbeDetector",
     # The FIRM workers take a JudgeSettings; from_params builds it from the flat YAML params.

@@ -70,7 +70,9 @@ def is_count(key: str) -> bool:
 
 
 class RewardRunner:
-    def __init__(self, specs: dict, mix=None):
+    def __init__(self, specs: dict, mix=None, *, evaluation_only: bool = False):
+        """evaluation_only: every component is a monitor whatever its role (rewards scored on
+        held-out samples only, `eval.rewards`), and none needs to be trained on."""
         self.mix = mix if mix is not None else MixConfig()
         self.base_bonus = base_bonus_settings(self.mix)
         self._closed = False
@@ -88,7 +90,7 @@ class RewardRunner:
                 raise ValueError(f"rewards.{name}.monitor_components: {unknown} are not components of this worker; it has {list(worker.components)}")
             self.entries.append((name, spec, worker, names))
         self.roles = {
-            key: "monitor" if spec.role == "monitor" or component in spec.monitor_components else "train"
+            key: "monitor" if evaluation_only or spec.role == "monitor" or component in spec.monitor_components else "train"
             for _, spec, worker, names in self.entries
             for component, key in zip(worker.components, names)
         }
@@ -98,9 +100,9 @@ class RewardRunner:
             for key in names
             if self.roles[key] == "train"
         }
-        if not self.weights:
+        if not self.weights and not evaluation_only:
             raise ValueError("no reward component is trained on: every one has role monitor or is in monitor_components")
-        if self.mix.kind != "weighted_sum":
+        if self.mix.kind != "weighted_sum" and not evaluation_only:
             # Fails here, before any model loads, when the named components do not exist.
             mix_rewards({c: np.zeros(1) for c in self.weights}, self.weights, kind=self.mix.kind, base=self.mix.base, bonus=self.mix.bonus,
                         base_bonus=self.base_bonus)

@@ -208,6 +208,8 @@ class EvalConfig:
     """Seed of the evaluation noise; unset: the run's `seed`. Another value checks a trained model on noise its run never evaluated with (compare runs only at the same value)."""
     pass_fail: Optional[str] = None
     """A reward component scored 0 or 1, such as a verifiable monitor (`shapes_geneval/strict`), that frames each image of the evaluation pictures pass or fail; unset: no marks."""
+    rewards: dict[str, RewardSpec] = field(default_factory=dict)
+    """Reward workers scored on the held-out samples only, entries as in `rewards` (a heavy judge you do not want in the training loop, a benchmark score): logged as eval/<component> with their paired change, beside the training rewards, never trained on (their role is monitor whatever it says). Names must differ from the `rewards` entries."""
 
 
 @dataclass
@@ -478,8 +480,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"`train.kl` latent measures the SDE step's Gaussian means, which train.objective {config.train.objective} does not have; use train.kl=velocity (or leave it unset)")
     if config.train.objective != "grpo" and config.train.grpo_guard:
         raise ConfigError(f"`train.grpo_guard` applies to train.objective grpo, not {config.train.objective}: it normalises the SDE step's probability ratio")
-    if config.eval.pass_fail is not None and config.eval.pass_fail.split("/")[0] not in config.rewards:
-        raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} names no reward component; components come from: {', '.join(config.rewards)}")
+    shared = sorted(set(config.eval.rewards) & set(config.rewards))
+    if shared:
+        raise ConfigError(f"`eval.rewards.{shared[0]}` is also a `rewards` entry: training rewards are scored at evaluation already; rename or remove one")
+    if config.eval.pass_fail is not None and config.eval.pass_fail.split("/")[0] not in {**config.rewards, **config.eval.rewards}:
+        raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} names no reward component; components come from: {', '.join({**config.rewards, **config.eval.rewards})}")
     eval_file = data.eval_prompts or data.eval_edits
     if eval_file:
         available = _count_entries(eval_file)

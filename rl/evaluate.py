@@ -50,9 +50,10 @@ class Evaluator:
     each repeat with its own noise); keeps the first evaluation in run_dir so a resumed run
     still reports its change."""
 
-    def __init__(self, config, items: list[Item], *, policy, rewards, ranks, tracker, sources, ema, show: bool):
+    def __init__(self, config, items: list[Item], *, policy, rewards, ranks, tracker, sources, ema, show: bool, eval_rewards=None):
         self.config, self.items = config, items
         self.policy, self.rewards, self.ranks, self.tracker = policy, rewards, ranks, tracker
+        self.eval_rewards = eval_rewards  # eval.rewards: scored here only, never trained on
         self.sources, self.ema, self.show = sources, ema, show
         self.run_dir = Path(config.run_dir)
         # Evaluation samples at its own size when eval.resolution is set (source images too).
@@ -74,7 +75,8 @@ class Evaluator:
         start = time.perf_counter()
         config, ranks = self.config, self.ranks
         indices = list(range(ranks.rank, len(self.items), ranks.world_size))
-        local_scores: dict[str, list[float]] = {c: [] for c in self.rewards.components}
+        extra = self.eval_rewards.components if self.eval_rewards is not None else []
+        local_scores: dict[str, list[float]] = {c: [] for c in [*self.rewards.components, *extra]}
         local_reward: list[float] = []
         images = items = None
         if indices:
@@ -91,11 +93,14 @@ class Evaluator:
                     sde_steps=[], progress=self.show, desc="eval",
                 )
             images = batch.images
-            scored = self.rewards.score(reward_batch(images, items, sources))
-            for c in local_scores:
-                local_scores[c] = scored.scores[c].tolist()
+            rewarded = reward_batch(images, items, sources)
+            scored = self.rewards.score(rewarded)
             # Each held-out prompt is its own group: no group normalisation here.
             local_reward = self.rewards.trained_reward(scored.scores, group_normalize=False).tolist()
+            if self.eval_rewards is not None:
+                scored.scores.update(self.eval_rewards.score(rewarded).scores)
+            for c in local_scores:
+                local_scores[c] = scored.scores[c].tolist()
         # Every rank's samples, back in eval-item order (the order is the pairing across evaluations).
         order = np.argsort(np.array(ranks.gather_list(indices), dtype=np.int64), kind="stable")
         per_sample = {f"eval/{c}": np.array(ranks.gather_list(values), dtype=np.float64)[order] for c, values in local_scores.items()}
@@ -160,7 +165,7 @@ class Evaluator:
         folder = self.run_dir / "images"
         folder.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(folder / f"eval_epoch_{epoch:05d}.npz", images=shown, passes=passes)
-        (folder / "eval_shown.json").write_text(json.dumps({"captions": captions, "pass_fail": pass_fail, "roles": self.rewards.roles}))
+        (folder / "eval_shown.json").write_text(json.dumps({"captions": captions, "pass_fail": pass_fail, "roles": {**self.rewards.roles, **(self.eval_rewards.roles if self.eval_rewards is not None else {})}}))
         before = read_shown(self.run_dir, 0)
         if epoch == self.config.num_epochs and before is not None and len(before[0]) == len(shown):
             rows = [Row("base model (before training)", before[0], before[1] if pass_fail else None),

@@ -49,12 +49,13 @@ def nft_optimality(advantages: torch.Tensor, mode: OptimalityMode = "linear", ad
     return (0.5 + a / (2 * adv_clip)).clamp(0.0, 1.0)
 
 
-def _adaptive_x0_error(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """mean_d (x0_hat - x0)^2 divided by its own (detached) mean absolute error: the adaptive
-    weight makes every sample and time count about equally (computed in float64, floored 1e-5)."""
-    diff = x0_hat.float() - x0.float()
-    weight = mean_d(diff.detach().double().abs()).clamp_min(1e-5)
-    return mean_d(diff**2) / weight.to(diff.dtype)
+def _adaptive_x0_error(diff: torch.Tensor) -> torch.Tensor:
+    """mean_d diff^2 of an x0 error diff = x0_hat - x0, divided by its own (detached) mean
+    absolute error: the adaptive weight makes every sample and time count about equally
+    (accumulated in float64, floored 1e-5)."""
+    flat = diff.flatten(1)
+    weight = flat.detach().abs().sum(dim=1, dtype=torch.float64).div_(flat.shape[1]).clamp_min(1e-5)
+    return flat.square().mean(dim=1) / weight.to(diff.dtype)
 
 
 def nft_loss(
@@ -90,10 +91,13 @@ def nft_loss(
     v_old = v_old.detach().float()
     v_theta = v_theta.float()
     tt = _per_sample(t, v_theta)
-    v_pos = beta * v_theta + (1 - beta) * v_old
-    v_neg = (1 + beta) * v_old - beta * v_theta
-    loss_pos = _adaptive_x0_error(x_t.float() - tt * v_pos, x0)
-    loss_neg = _adaptive_x0_error(x_t.float() - tt * v_neg, x0)
+    # x0_hat(v) - x0 = x_t - t v - x0, so with the old policy's error d = x_t - t v_old - x0 and
+    # the step's change delta = t (v_theta - v_old): v+ errs by d - beta delta, v- by d + beta delta.
+    d = (x_t.float() - x0.float()).sub_(tt * v_old)
+    gap = v_theta - v_old
+    delta = tt * gap
+    loss_pos = _adaptive_x0_error(torch.add(d, delta, alpha=-beta))
+    loss_neg = _adaptive_x0_error(torch.add(d, delta, alpha=beta))
     r = optimality.float()
     per_sample_policy = scale * (r * loss_pos + (1 - r) * loss_neg) / beta
     per_sample_kl = torch.zeros_like(per_sample_policy)
@@ -109,7 +113,7 @@ def nft_loss(
         "nft_loss_pos": loss_pos.mean().detach(),
         "nft_loss_neg": loss_neg.mean().detach(),
         "optimality": r.mean().detach(),
-        "v_old_gap": mean_d((v_theta.detach() - v_old) ** 2).mean(),
+        "v_old_gap": mean_d(gap.detach().square()).mean(),
     }
     return loss, metrics
 
@@ -185,16 +189,17 @@ def awm_advantages(advantages: torch.Tensor, adv_clip: float = 5.0) -> torch.Ten
     return advantages.float().clamp(-adv_clip, adv_clip) / adv_clip
 
 
-def guard_log_ratio(mean_theta: torch.Tensor, mean_old: torch.Tensor, next_latent: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def guard_log_ratio(mean_theta: torch.Tensor, mean_old: torch.Tensor, next_latent: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """GRPO-Guard's normalised log-ratio of one Flow-SDE step, per sample.
 
     With x_next = mean_old + s eps, the exact Gaussian log-ratio is
     eps (mean_theta - mean_old) / s - (mean_theta - mean_old)^2 / (2 s^2) per element; its size
     grows as 1/s, so steps with little noise dominate the clipped surrogate. Guard keeps only the
     first-order term times s: mean_d[eps * (mean_theta - mean_old)], the same for every step's
-    noise level. std: the step's s, [B] or broadcastable to the latents."""
-    s = std if std.ndim == mean_theta.ndim else _per_sample(std, mean_theta)
-    eps = (next_latent.float() - mean_old.float()) / s.float()
+    noise level. std: the step's s, a number, [B] or broadcastable to the latents."""
+    if isinstance(std, torch.Tensor):
+        std = (std if std.ndim == mean_theta.ndim else _per_sample(std, mean_theta)).float()
+    eps = (next_latent.float() - mean_old.float()) / std
     return mean_d(eps * (mean_theta.float() - mean_old.float()))
 
 

@@ -16,7 +16,7 @@ def grpo_step_loss(
     beta: float = 0.0,
     mean: torch.Tensor | None = None,
     ref_mean: torch.Tensor | None = None,
-    kl_scale: torch.Tensor | None = None,
+    kl_scale: torch.Tensor | float | None = None,
     velocity: torch.Tensor | None = None,
     ref_velocity: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
@@ -24,7 +24,7 @@ def grpo_step_loss(
     """Clipped surrogate plus beta * KL to the reference policy, averaged over the batch.
 
     log_prob, old_log_prob, advantages: [B]. mean, ref_mean: [B, ...] transition means under the
-    current and the reference policy; kl_scale: [B, 1, ...] the noise scale s_t (see
+    current and the reference policy; kl_scale: a number or [B, 1, ...], the noise scale s_t (see
     rl.sde.kl_scale). The KL between the two Gaussian transitions is
     mean((mean - ref_mean)^2) / (2 s_t^2) per sample (Flow-GRPO's convention). Given velocity
     and ref_velocity ([B, ...], the step's guided velocities) instead, the KL is measured on them:
@@ -56,8 +56,10 @@ def grpo_step_loss(
     elif beta > 0:
         if mean is None or ref_mean is None or kl_scale is None:
             raise ValueError("beta > 0 needs mean, ref_mean and kl_scale (or velocity and ref_velocity)")
-        elementwise = (mean.float() - ref_mean.float()) ** 2 / (2 * kl_scale.float() ** 2)
-        per_sample_kl = elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
+        squared = (mean.float() - ref_mean.float()).square().flatten(1).mean(dim=1)
+        if isinstance(kl_scale, torch.Tensor):
+            kl_scale = kl_scale.float().flatten() if kl_scale.ndim else kl_scale.float()
+        per_sample_kl = squared / (2 * kl_scale**2)
     per_sample = per_sample_policy + beta * per_sample_kl
     loss = per_sample.mean() if sample_weights is None else (per_sample * sample_weights.float()).sum()
     policy_loss = per_sample_policy.mean()

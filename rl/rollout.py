@@ -66,15 +66,24 @@ def transition(
     network=None,
 ) -> SDEStep:
     """One stochastic step of the policy. Sampling and training both call this, with the same
-    batch shapes, so that the first inner step is exactly on-policy."""
+    batch shapes, so that the first inner step is exactly on-policy. The sigmas are the
+    schedule's values as Python numbers (the step's math then needs no tensor op of its own) or
+    tensors."""
     batch = latents.shape[0]
-    velocity = policy.velocity(latents, sigma.expand(batch), cond, guidance_scale, network=network)
+    velocity = policy.velocity(latents, _batch_sigma(sigma, latents), cond, guidance_scale, network=network)
     step = flow_sde_step(
         velocity, latents, sigma, sigma_next,
         noise_level=sde.noise_level, sigma_max=sigma_max, prev_sample=prev_sample,
         generator=list(generators) if generators is not None else None, dynamics=sde.dynamics,
     )
     return step._replace(velocity=velocity)
+
+
+def _batch_sigma(sigma, latents: torch.Tensor) -> torch.Tensor:
+    """One sigma (a number or a 0-d tensor) as the [B] tensor a velocity call takes."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.expand(latents.shape[0])
+    return torch.full((latents.shape[0],), sigma, dtype=torch.float32, device=latents.device)
 
 
 @torch.no_grad()
@@ -115,6 +124,7 @@ def rollout(
     log-probs or means: what those objectives do not need), whatever steps are stochastic.
     """
     sigmas = policy.sigmas(num_steps, size).to(policy.device)
+    values = sigmas.tolist()  # the step math takes numbers: read once, not once per step
     sde_set = set(int(i) for i in sde_steps)
     step_indices = sorted(sde_set) if keep_steps else []
     out_latents, out_next, out_logp, out_means, out_final, out_images = [], [], [], [], [], []
@@ -133,7 +143,7 @@ def rollout(
         before, after, logps, means = [], [], [], []
         for i in range(num_steps):
             if i in sde_set:
-                step = transition(policy, x, sigmas[i], sigmas[i + 1], sigmas[1], batch_cond, guidance_scale, sde, generators=generators)
+                step = transition(policy, x, values[i], values[i + 1], values[1], batch_cond, guidance_scale, sde, generators=generators)
                 if keep_steps:
                     before.append(x)
                     after.append(step.prev_sample)
@@ -141,8 +151,8 @@ def rollout(
                     means.append(step.mean)
                 x = step.prev_sample
             else:
-                v = policy.velocity(x, sigmas[i].expand(x.shape[0]), batch_cond, guidance_scale)
-                x = ode_step(v, x, sigmas[i], sigmas[i + 1])
+                v = policy.velocity(x, _batch_sigma(values[i], x), batch_cond, guidance_scale)
+                x = ode_step(v, x, values[i], values[i + 1])
         if keep_final:
             out_final.append(x.float())
         out_images.append(policy.decode(x, batch_cond))

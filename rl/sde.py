@@ -24,7 +24,7 @@ class SDEStep(NamedTuple):
     prev_sample: torch.Tensor  # [B, ...] the next (less noisy) sample, float32
     log_prob: torch.Tensor  # [B] mean Gaussian log-density of prev_sample per element
     mean: torch.Tensor  # [B, ...] mean of the transition
-    std: torch.Tensor  # [B, 1, ...] standard deviation of the transition (broadcastable)
+    std: torch.Tensor | float  # [B, 1, ...] standard deviation of the transition (broadcastable); a number when the sigmas are
     velocity: torch.Tensor | None = None  # [B, ...] the (guided) velocity the step took, where the caller keeps it
 
 
@@ -54,22 +54,52 @@ def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
 
 
 def ode_step(velocity: torch.Tensor, sample: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """Deterministic Euler step x' = x + v * dt, in float32."""
+    """Deterministic Euler step x' = x + v * dt, in float32; sigmas are numbers or tensors."""
     sample = sample.float()
+    if isinstance(sigma, (int, float)) and isinstance(sigma_next, (int, float)):
+        return sample + velocity.float() * (sigma_next - sigma)
     dt = _per_sample(sigma_next, sample) - _per_sample(sigma, sample)
     return sample + velocity.float() * dt
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gaussian log-density, AVERAGED over non-batch elements.
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """Per-sample Gaussian log-density, AVERAGED over non-batch elements; std is one number, a 0-d
+    tensor or one value per sample ([B] or [B, 1, ...]).
 
     Averaging instead of summing is Flow-GRPO's convention; it keeps log-ratios small so the
-    published clip range (1e-4) carries over.
+    published clip range (1e-4) carries over. With one std per sample the average is
+    -mean((x - mean)^2) / (2 std^2) - log(std) - log(2 pi) / 2: three passes over the latents.
     """
-    log_density = (
-        -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    )
-    return log_density.mean(dim=tuple(range(1, x.ndim)))
+    squared = (x - mean).square().flatten(1).mean(dim=1)
+    if isinstance(std, torch.Tensor):
+        std = std.flatten() if std.ndim else std
+        return -squared / (2 * std.square()) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return squared * (-0.5 / std**2) - (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def _step_coefficients(s, s_next, sigma_max, noise_level: float, dynamics: str):
+    """(a, b, std) of one reverse step, whose mean is a * x + b * v. The same formulas serve
+    Python numbers (the sampler and trainer pass the schedule's values: no tensor op) and
+    per-sample tensors ([B, 1, ...], or 0-d)."""
+    tensors = isinstance(s, torch.Tensor)
+    sqrt = torch.sqrt if tensors else math.sqrt
+    dt = s_next - s
+    if dynamics == "cps":
+        # Coefficients-preserving sampling (Flow-GRPO-Fast): re-noise the predicted x0 with a
+        # mix of predicted noise and fresh noise whose coefficients square-sum to sigma_next^2:
+        # mean = (x - s v)(1 - s_next) + (x + (1 - s) v) c, c = sqrt(s_next^2 - std^2).
+        std = s_next * math.sin(noise_level * math.pi / 2)
+        c = torch.clamp(s_next**2 - std**2, min=0.0).sqrt() if tensors else math.sqrt(max(s_next**2 - std**2, 0.0))
+        return (1 - s_next) + c, -s * (1 - s_next) + (1 - s) * c, std
+    if dynamics == "flow_sde":
+        # sigma_max replaces sigma where sigma == 1 (there sigma / (1 - sigma) is infinite).
+        s_tilde = torch.where(s >= 1.0, sigma_max, s) if tensors else (sigma_max if s >= 1.0 else s)
+        noise_scale = noise_level * sqrt(s / (1 - s_tilde))
+    else:
+        # DanceGRPO: Flow-SDE drift with a constant noise scale eta = noise_level.
+        noise_scale = torch.full_like(s, noise_level) if tensors else noise_level
+    variance = noise_scale**2
+    return 1 + variance * dt / (2 * s), (1 + variance * (1 - s) / (2 * s)) * dt, noise_scale * sqrt(-dt)
 
 
 def flow_sde_step(
@@ -87,43 +117,32 @@ def flow_sde_step(
 ) -> SDEStep:
     """One stochastic reverse step and the log-probability of its outcome.
 
-    sigma, sigma_next: scalars or [B] tensors. sigma_max replaces sigma inside the noise scale
-    where sigma == 1 (there sigma / (1 - sigma) is infinite); pass the schedule's sigma_1.
-    prev_sample: when given, no noise is drawn and the log-prob of this sample is returned (this
-    is how the trainer recomputes log-probs). Otherwise noise is drawn from `generator` (one
-    generator, or one per sample so draws do not depend on the batch they are in), or taken from
-    `noise`.
+    sigma, sigma_next, sigma_max: Python numbers (one value for the batch: the cheap path the
+    sampler and the trainer take), or scalar or [B] tensors. sigma_max replaces sigma inside the
+    noise scale where sigma == 1 (there sigma / (1 - sigma) is infinite); pass the schedule's
+    sigma_1. prev_sample: when given, no noise is drawn and the log-prob of this sample is
+    returned (this is how the trainer recomputes log-probs). Otherwise noise is drawn from
+    `generator` (one generator, or one per sample so draws do not depend on the batch they are
+    in), or taken from `noise`. The step's std is a number when the sigmas are.
 
-    All math runs in float32 whatever the model dtype: the log-ratio exp(logp_new - logp_old)
-    must be exactly 1 on-policy, and bf16 rounding of latents would break that.
+    All math runs in float32 whatever the model dtype (coefficients of numbers in float64): the
+    log-ratio exp(logp_new - logp_old) must be exactly 1 on-policy, and bf16 rounding of latents
+    would break that.
     """
     if dynamics not in DYNAMICS:
         raise ValueError(f"unknown SDE dynamics {dynamics!r}; choose one of {DYNAMICS}")
     x = sample.float()
     v = velocity.float()
-    s = _per_sample(sigma, x)
-    s_next = _per_sample(sigma_next, x)
-    dt = s_next - s
-
-    if dynamics == "flow_sde":
-        if sigma_max is None:
-            sigma_max = s_next  # a reasonable stand-in; callers should pass the schedule's sigma_1
-        s_tilde = torch.where(s >= 1.0, _per_sample(sigma_max, x), s)
-        noise_scale = noise_level * torch.sqrt(s / (1 - s_tilde))
-        mean = x * (1 + noise_scale**2 * dt / (2 * s)) + v * (1 + noise_scale**2 * (1 - s) / (2 * s)) * dt
-        std = noise_scale * torch.sqrt(-dt)
-    elif dynamics == "dance_sde":
-        # DanceGRPO: Flow-SDE drift with a constant noise scale eta = noise_level.
-        noise_scale = torch.full_like(s, noise_level)
-        mean = x * (1 + noise_scale**2 * dt / (2 * s)) + v * (1 + noise_scale**2 * (1 - s) / (2 * s)) * dt
-        std = noise_scale * torch.sqrt(-dt)
+    numbers = all(isinstance(value, (int, float)) for value in (sigma, sigma_next, sigma_next if sigma_max is None else sigma_max))
+    if numbers:
+        s, s_next = float(sigma), float(sigma_next)
+        s_max = s_next if sigma_max is None else float(sigma_max)
     else:
-        # Coefficients-preserving sampling (Flow-GRPO-Fast): re-noise the predicted x0 with a
-        # mix of predicted noise and fresh noise whose coefficients square-sum to sigma_next^2.
-        std = s_next * math.sin(noise_level * math.pi / 2)
-        x0_hat = x - s * v
-        x1_hat = x + (1 - s) * v
-        mean = x0_hat * (1 - s_next) + x1_hat * torch.sqrt(torch.clamp(s_next**2 - std**2, min=0.0))
+        s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+        # A reasonable stand-in for a missing sigma_max; callers should pass the schedule's sigma_1.
+        s_max = s_next if sigma_max is None else _per_sample(sigma_max, x)
+    a, b, std = _step_coefficients(s, s_next, s_max, noise_level, dynamics)
+    mean = x * a + v * b
 
     if prev_sample is None:
         if noise is None:
@@ -135,12 +154,14 @@ def flow_sde_step(
     return SDEStep(prev_sample, log_prob, mean, std)
 
 
-def kl_scale(std: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+def kl_scale(std: torch.Tensor | float, sigma, sigma_next) -> torch.Tensor | float:
     """The scale the KL penalty divides by: std / sqrt(-dt), which is Flow-GRPO's s_t for Flow-SDE.
 
     Flow-GRPO's KL is mean((mean_theta - mean_ref)^2) / (2 s_t^2); for the other dynamics this
-    is the same expression with their own noise scale.
+    is the same expression with their own noise scale. A number when std and the sigmas are.
     """
+    if not isinstance(std, torch.Tensor):
+        return std / math.sqrt(float(sigma) - float(sigma_next))
     dt = _per_sample(sigma_next, std) - _per_sample(sigma, std)
     return std / torch.sqrt(-dt)
 

@@ -136,16 +136,14 @@ def swapped_weights(params: list[torch.nn.Parameter], values: list[torch.Tensor]
     if values is None:
         yield
         return
-    kept = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
+        kept = torch._foreach_mul(params, 1.0)  # a copy of each, in one call
+        torch._foreach_copy_(params, values)
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, v in zip(params, kept):
-                p.copy_(v)
+            torch._foreach_copy_(params, kept)
 
 
 def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
@@ -182,8 +180,13 @@ class Trainer:
         self.sources = SourceImages()
         self.sample_size = image_size(config.sample.resolution)
         self.rewards = RewardRunner(config.rewards, config.reward_mix)
-        if config.eval.pass_fail is not None and config.eval.pass_fail not in self.rewards.components:
-            raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} is not a reward component; the components are: {', '.join(self.rewards.components)}")
+        # Scored on the held-out samples only; loaded now, so a bad entry stops the run before training.
+        self.eval_rewards = RewardRunner(config.eval.rewards, evaluation_only=True) if config.eval.rewards else None
+        components = self.rewards.components + (self.eval_rewards.components if self.eval_rewards else [])
+        if len(set(components)) < len(components):
+            raise ConfigError(f"`eval.rewards` components {sorted(set(c for c in components if components.count(c) > 1))} are also training reward components; rename the eval.rewards entries")
+        if config.eval.pass_fail is not None and config.eval.pass_fail not in components:
+            raise ConfigError(f"`eval.pass_fail` = {config.eval.pass_fail!r} is not a reward component; the components are: {', '.join(components)}")
 
         # Some adapters leave LoRA parameters without a gradient (they declare it): DDP must know.
         adapter = adapter_class(config.model.adapter)
@@ -260,7 +263,7 @@ class Trainer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self.show = config.log.progress and acc.is_main_process
         self.evaluator = Evaluator(
-            config, self.eval_items, policy=self.policy, rewards=self.rewards, ranks=self.ranks,
+            config, self.eval_items, policy=self.policy, rewards=self.rewards, eval_rewards=self.eval_rewards, ranks=self.ranks,
             tracker=self.tracker, sources=self.sources, ema=self.ema, show=self.show,
         )
         acc.print(f"trustgrpo: {self.layout.describe()}")
@@ -416,6 +419,8 @@ class Trainer:
             job.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.rewards.close()
+        if self.eval_rewards is not None:
+            self.eval_rewards.close()
 
     def advantages(self, epoch: int, drawn: Drawn, sampled: Sampled, rewards: Rewards) -> Advantages:
         """Gather every rank's rewards and group ids, normalise per group, keep this rank's slice."""
@@ -471,7 +476,7 @@ class Trainer:
         batch, trained = sampled.batch, adv.trained
         self.policy.transformer.train()
         device = acc.device
-        sigmas = batch.sigmas.to(device)
+        sigmas = batch.sigmas.tolist()  # numbers: the step math needs no tensor op of its own
         m, W = layout.per_rank_minibatch, layout.world_size
         # Global trained count of each minibatch, from the gathered mask: every rank knows it.
         counts = adv.all_trained.view(W, layout.num_minibatches, m).sum(dim=(0, 2))
@@ -522,9 +527,12 @@ class Trainer:
                                 finite = math.isfinite(norm)
                                 if finite:
                                     grad_norms.append(norm)
-                            if finite:
-                                self.optimizer.step()
-                            self.optimizer.zero_grad(set_to_none=True)
+                            if acc.sync_gradients:
+                                # Between accumulation boundaries accelerate's step and zero_grad
+                                # do nothing (DeepSpeed steps inside its backward) but still cost.
+                                if finite:
+                                    self.optimizer.step()
+                                self.optimizer.zero_grad(set_to_none=True)
                         if acc.sync_gradients:
                             first_update_done = True
                             if not finite:
@@ -573,7 +581,7 @@ class Trainer:
         # The epoch's loss with every trained sample and step weighing the same; times the
         # accumulation steps because accelerate's backward divides by them (as in update()).
         weights = trained.float() * self.layout.grad_accum_steps / max(int(trained.sum()), 1) / len(batch.step_indices)
-        sigmas = batch.sigmas.to(self.accelerator.device)
+        sigmas = batch.sigmas.tolist()
         for first in range(0, len(batch), self.config.train.batch_size):
             rows = _trained_rows(trained, first, self.config.train.batch_size)
             cond = sampled.cond.take(batch.prompt_rows[rows])

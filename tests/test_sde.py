@@ -122,7 +122,27 @@ def test_scalar_sigmas_match_reference():
     for i in range(3):
         mean, std, _ = ref_flow_sde(x[i], v[i], s, sn, 0.7, SCHED[1])
         torch.testing.assert_close(out.mean[i].double(), mean, rtol=1e-5, atol=1e-5)
-        assert out.std[i].flatten()[0].item() == pytest.approx(std, rel=1e-5)
+        assert isinstance(out.std, float) and out.std == pytest.approx(std, rel=1e-5)
+        expected_lp = ref_log_prob(out.prev_sample[i].double(), mean, std)
+        assert out.log_prob[i].item() == pytest.approx(expected_lp, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("dynamics", ["flow_sde", "dance_sde", "cps"])
+@pytest.mark.parametrize("index", [0, 3])
+def test_number_and_tensor_sigmas_take_the_same_step(dynamics, index):
+    """The sampler passes the schedule as numbers (no tensor op for the coefficients); per-sample
+    tensors of the same values give the same mean, std, sample and log-prob."""
+    x, v = random_inputs(3, seed=9)
+    s, sn, smax = SCHED[index], SCHED[index + 1], SCHED[1]
+    noise = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(4))
+    numbers = flow_sde_step(v.float(), x.float(), s, sn, noise_level=0.7, sigma_max=smax, noise=noise, dynamics=dynamics)
+    tensors = flow_sde_step(
+        v.float(), x.float(), torch.full((3,), s), torch.full((3,), sn), noise_level=0.7, sigma_max=torch.tensor(smax), noise=noise, dynamics=dynamics
+    )
+    for a, b in ((numbers.mean, tensors.mean), (numbers.prev_sample, tensors.prev_sample), (numbers.log_prob, tensors.log_prob)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.full((3,), numbers.std), tensors.std.flatten(), rtol=1e-6, atol=0)
+    assert kl_scale(numbers.std, s, sn) == pytest.approx(float(kl_scale(tensors.std, torch.tensor(s), torch.tensor(sn)).flatten()[0]), rel=1e-6)
 
 
 def test_first_step_uses_sigma_max_for_noise_scale():
@@ -132,8 +152,8 @@ def test_first_step_uses_sigma_max_for_noise_scale():
     out = flow_sde_step(v.float(), x.float(), 1.0, sn, noise_level=a, sigma_max=sigma_max,
                         noise=torch.zeros(1, *SHAPE))
     s_t = a * math.sqrt(1.0 / (1.0 - sigma_max))
-    assert torch.isfinite(out.std).all() and torch.isfinite(out.log_prob).all()
-    assert out.std.flatten()[0].item() == pytest.approx(s_t * math.sqrt(1.0 - sn), rel=1e-6)
+    assert math.isfinite(out.std) and torch.isfinite(out.log_prob).all()
+    assert out.std == pytest.approx(s_t * math.sqrt(1.0 - sn), rel=1e-6)
     mean, _, _ = ref_flow_sde(x[0], v[0], 1.0, sn, a, sigma_max)
     torch.testing.assert_close(out.mean[0].double(), mean, rtol=1e-5, atol=1e-5)
     # and sigma_max is per-sample when given as a tensor
@@ -147,7 +167,7 @@ def test_log_prob_is_normal_density_averaged_not_summed():
     x, v = random_inputs(2, seed=11)
     prev = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(4))
     out = flow_sde_step(v.float(), x.float(), SCHED[2], SCHED[3], noise_level=0.7, sigma_max=SCHED[1], prev_sample=prev)
-    dist = torch.distributions.Normal(out.mean.double(), out.std.double())
+    dist = torch.distributions.Normal(out.mean.double(), torch.tensor(out.std, dtype=torch.float64))
     expected = dist.log_prob(prev.double()).mean(dim=(1, 2, 3))
     torch.testing.assert_close(out.log_prob.double(), expected, rtol=1e-6, atol=1e-5)
     assert out.log_prob.dtype == torch.float32

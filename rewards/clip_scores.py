@@ -1,0 +1,174 @@
+"""Scores papers report, computed from CLIP embeddings.
+
+- CLIPScore (Hessel et al. 2021, arXiv 2104.08718): w * max(cos(text, image), 0) with w = 2.5,
+  on OpenAI's CLIP ViT-L/14 by default (the paper used ViT-B/32; torchmetrics and flow_grpo use
+  ViT-L/14). A reference-free measure of how well the image shows the prompt.
+- LAION aesthetic predictor v2 (improved-aesthetic-predictor, "sac+logos+ava1-l14-linearMSE"): a
+  five-layer MLP, without activations, on the L2-normalised CLIP ViT-L/14 image embedding,
+  regressing the 1-10 human aesthetic rating. No text.
+
+Both are easy to game alone (CLIPScore rewards the prompt's words written into the image;
+aesthetics rewards saturated, smooth pictures): use them as monitors, or inside a Base-and-Bonus
+mix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoProcessor, CLIPConfig
+
+from rewards.base import RewardBatch, RewardOutput
+from rewards.images import check_batch_size, clip_image_features, load_clip, projected, to_pil, torch_dtype
+
+AESTHETIC_HEAD_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+# The released head's layout: nn.Sequential indices of its Linear layers (the others are dropout).
+AESTHETIC_LINEARS = (0, 2, 4, 6, 7)
+AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)
+
+
+class CLIPScore:
+    """Reward = scale * w * max(cos(text embedding, image embedding), 0), one per (image, prompt).
+
+    Args:
+        model: CLIPModel checkpoint (hub id or local directory) with its processor.
+        weight: w, 2.5 in the paper (100 in torchmetrics' variant).
+        scale: Multiplies the score.
+        device, dtype, batch_size: Where and how the model runs (scores in float32).
+        name: The component name in RewardOutput.scores.
+
+    A sample without a prompt (empty or None) scores NaN: missing, never 0.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = "openai/clip-vit-large-patch14",
+        *,
+        weight: float = 2.5,
+        scale: float = 1.0,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        batch_size: int = 16,
+        name: str = "clipscore",
+    ):
+        if weight <= 0:
+            raise ValueError(f"clipscore weight must be > 0, got {weight}")
+        self.device = torch.device(device)
+        self.batch_size = check_batch_size(batch_size)
+        self.weight, self.scale = weight, scale
+        self.model = load_clip(model, self.device, torch_dtype(dtype))
+        self.processor = AutoProcessor.from_pretrained(model)
+        # Prompts longer than the text tower's position table are truncated (CLIP's 77 tokens).
+        self.max_text_tokens = min(self.processor.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        self.components = (name,)
+
+    @torch.inference_mode()
+    def cosines(self, images: np.ndarray, prompts: list[str | None]) -> np.ndarray:
+        """cos(text, image) of each pair: [B] float64, NaN where the prompt is missing."""
+        if len(images) != len(prompts):
+            raise ValueError(f"CLIPScore needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        out = np.full(len(prompts), np.nan)
+        present = [i for i, prompt in enumerate(prompts) if prompt]
+        pil_images = to_pil(images)
+        for start in range(0, len(present), self.batch_size):
+            rows = present[start : start + self.batch_size]
+            image_embeds = clip_image_features(self.model, self.processor, [pil_images[i] for i in rows], self.device)
+            text = self.processor(
+                text=[prompts[i] for i in rows], padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+            ).to(self.device)
+            text_embeds = F.normalize(
+                projected(self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])).float(), dim=-1
+            )
+            out[rows] = (text_embeds * image_embeds).sum(dim=-1).cpu().numpy()
+        return out
+
+    def __call__(self, batch: RewardBatch) -> RewardOutput:
+        cosines = self.cosines(batch.images, list(batch.prompts))
+        scores = self.scale * self.weight * np.maximum(cosines, 0.0)  # NaN stays NaN
+        finite = cosines[np.isfinite(cosines)]
+        extras = {"cosine_mean": float(finite.mean())} if len(finite) else {}
+        return RewardOutput(scores={self.components[0]: scores}, extras=extras)
+
+
+def load_aesthetic_head(path: str | os.PathLike[str], feature_size: int) -> torch.nn.Sequential:
+    """The LAION aesthetic MLP from its released state dict (`layers.{0,2,4,6,7}.{weight,bias}`),
+    a .pth read with weights_only=True (no pickled code runs) or a .safetensors; its input width
+    is checked against the CLIP embedding size before any CLIP weights load."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"aesthetic head {path} not found; download sac+logos+ava1-l14-linearMSE.pth from {AESTHETIC_HEAD_URL} "
+            "and pass its path as head"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {f"layers.{i}.{kind}" for i in AESTHETIC_LINEARS for kind in ("weight", "bias")}
+    if set(state) != expected:
+        raise ValueError(f"aesthetic head {path} must hold {sorted(expected)} (improved-aesthetic-predictor's layout); it holds {sorted(state)}")
+    width = state["layers.0.weight"].shape[1]
+    if width != feature_size:
+        raise ValueError(f"aesthetic head {path} takes {width}-wide embeddings but the CLIP model's are {feature_size}-wide (the released head needs ViT-L/14)")
+    layers, widths = [], (width, *AESTHETIC_WIDTHS)
+    for index in range(max(AESTHETIC_LINEARS) + 1):
+        if index in AESTHETIC_LINEARS:
+            k = AESTHETIC_LINEARS.index(index)
+            layers.append(torch.nn.Linear(widths[k], widths[k + 1]))
+        else:
+            layers.append(torch.nn.Dropout(0.0))  # dropout in training only: identity here
+    head = torch.nn.Sequential(*layers)
+    head.load_state_dict({key.removeprefix("layers."): value.float() for key, value in state.items()})
+    return head.eval().requires_grad_(False)
+
+
+class LaionAesthetic:
+    """Reward = scale * the LAION aesthetic predictor's rating (about 1 to 10) of each image.
+
+    Args:
+        clip: CLIPModel checkpoint whose image embedding the head reads (ViT-L/14, 768 wide).
+        head: Path of sac+logos+ava1-l14-linearMSE.pth (or the same tensors as safetensors).
+        scale: Multiplies the rating (flow_grpo trains on rating / 10).
+        device, dtype, batch_size: Where and how CLIP runs (the head runs in float32).
+        name: The component name in RewardOutput.scores.
+    """
+
+    def __init__(
+        self,
+        clip: str | os.PathLike[str] = "openai/clip-vit-large-patch14",
+        *,
+        head: str | os.PathLike[str] = "sac+logos+ava1-l14-linearMSE.pth",
+        scale: float = 1.0,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        batch_size: int = 16,
+        name: str = "aesthetic",
+    ):
+        self.device = torch.device(device)
+        self.batch_size = check_batch_size(batch_size)
+        self.scale = scale
+        self.head = load_aesthetic_head(head, CLIPConfig.from_pretrained(clip).projection_dim).to(self.device)
+        self.model = load_clip(clip, self.device, torch_dtype(dtype))
+        self.processor = AutoImageProcessor.from_pretrained(clip)
+        self.components = (name,)
+
+    @torch.inference_mode()
+    def ratings(self, images: np.ndarray) -> np.ndarray:
+        """The predicted rating of each image: [B] float64."""
+        pil_images = to_pil(images)
+        ratings = [
+            self.head(clip_image_features(self.model, self.processor, pil_images[start : start + self.batch_size], self.device))[:, 0]
+            for start in range(0, len(pil_images), self.batch_size)
+        ]
+        return torch.cat(ratings).cpu().numpy().astype(np.float64) if ratings else np.zeros(0)
+
+    def __call__(self, batch: RewardBatch) -> RewardOutput:
+        ratings = self.ratings(batch.images)
+        extras = {"rating_mean": float(ratings.mean())} if len(ratings) else {}
+        return RewardOutput(scores={self.components[0]: self.scale * ratings}, extras=extras)
