@@ -19,6 +19,7 @@ WORKERS: dict[str, str] = {
     "aesthetic": "rewards.clip_scores:LaionAesthetic",
     "artifact": "rewards.artifact:ArtifactDetector",
     "clip_probe": "rewards.artifact:ClipProbeDetector",
+    "dino_probe": "rewards.dino_probe:DinoArtifactProbe",
     # The FIRM workers take a JudgeSettings; from_params builds it from the flat YAML params.
     "firm_gen": "rewards.firm:FirmGen.from_params",
     "firm_edit": "rewards.firm:FirmEdit.from_params",
