@@ -30,6 +30,7 @@ class RewardOutput:
     scores: dict[str, np.ndarray]  # component -> [B] float64, NaN = missing
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # component -> [B], optional
     extras: dict[str, float] = field(default_factory=dict)  # logged, never optimised
+    texts: dict[str, list[str]] = field(default_factory=dict)  # component -> [B] what a judge wrote (its reasoning), optional
 
 
 class RewardWorker(Protocol):

@@ -168,12 +168,18 @@ class RemoteReward:
                 raise RuntimeError(f"reward server {url} returned {what} that is not a list of {count} values")
             return np.array([_number(value, url, f"{what}[{index}]") for index, value in enumerate(values)], dtype=np.float64)
 
+        def per_sample_text(values: Any, what: str) -> list[str]:
+            if not isinstance(values, list) or len(values) != count or not all(isinstance(value, str) for value in values):
+                raise RuntimeError(f"reward server {url} returned {what} that is not a list of {count} strings")
+            return values
+
         return RewardOutput(
             scores={key: per_sample(values, f"scores[{key!r}]") for key, values in answer["scores"].items()},
             uncertainty={
                 key: per_sample(values, f"uncertainty[{key!r}]") for key, values in (answer.get("uncertainty") or {}).items()
             },
             extras={key: _number(value, url, f"extras[{key!r}]") for key, value in (answer.get("extras") or {}).items()},
+            texts={key: per_sample_text(values, f"texts[{key!r}]") for key, values in (answer.get("texts") or {}).items()},
         )
 
 

@@ -229,6 +229,7 @@ class _FirmJudge:
         for component, result in results.items():
             failed = np.isnan(result.scores)
             output.scores[component] = result.scores
+            output.texts[component] = list(result.replies)  # what the judge wrote: audited, never scored
             if result.variance is not None:
                 output.uncertainty[component] = result.variance
             # Counted, so that mixing over chunks adds them up (RewardRunner sums "*failures").

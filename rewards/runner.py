@@ -31,6 +31,7 @@ class Scored:
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # component -> [B]
     seconds: dict[str, float] = field(default_factory=dict)  # entry -> wall time spent scoring
     extras: dict[str, float] = field(default_factory=dict)  # logged, never optimised
+    texts: dict[str, list[str]] = field(default_factory=dict)  # component -> [B] judge replies, where the worker keeps them
 
 
 def _subset(batch: RewardBatch, rows: slice) -> RewardBatch:
@@ -142,6 +143,11 @@ class RewardRunner:
                     result.uncertainty[key], infinite = _infinite_as_missing(uncertainty)
                     if infinite:
                         logger.warning("reward %s: %d of %d uncertainties infinite; counted as missing (NaN)", key, infinite, len(uncertainty))
+                if all(component in o.texts for o in outputs):
+                    texts = [str(text) for o in outputs for text in o.texts[component]]
+                    if len(texts) != len(batch):
+                        raise RewardError(f"reward {name!r} returned {len(texts)} texts for a batch of {len(batch)}")
+                    result.texts[key] = texts
             for output in outputs:
                 for key, value in output.extras.items():
                     # Counts (parse failures, ...) add up over chunks; other extras are means.

@@ -8,7 +8,8 @@ Endpoints (both need `Authorization: Bearer <token>` when TRUSTGRPO_REWARD_TOKEN
     GET  /health  -> {"status": "ok", "reward": NAME, "components": [...]}
     POST /score   {"prompts": [...], "images": [base64 PNG, ...], "source_images": [...]?,
                    "instructions": [...]?, "metadata": [{...}, ...]?}
-                  -> {"scores": {component: [float | null]}, "uncertainty": {...}, "extras": {...}}
+                  -> {"scores": {component: [float | null]}, "uncertainty": {...}, "extras": {...},
+                      "texts": {component: [str]} (what a judge wrote, where the worker keeps it)}
 
 The wire format is JSON with base64 PNG (or JPEG) images and nothing else: Flow-GRPO's reward
 server unpickled request bodies, which runs arbitrary code for anyone who can reach the port.
@@ -251,6 +252,11 @@ def _encode_output(output: RewardOutput, components: tuple[str, ...], count: int
             raise fail(f"returned an infinite value in {what}")
         return [None if math.isnan(value) else value for value in array.tolist()]
 
+    def per_sample_text(values: Any, what: str) -> list[str]:
+        if len(values) != count:
+            raise fail(f"returned {len(values)} {what} for a batch of {count}")
+        return [str(value) for value in values]
+
     if set(output.scores) != set(components):
         raise fail(f"returned components {sorted(output.scores)}, declared {list(components)}")
     extras: dict[str, float | None] = {}
@@ -263,6 +269,7 @@ def _encode_output(output: RewardOutput, components: tuple[str, ...], count: int
         "scores": {component: per_sample(output.scores[component], f"scores[{component!r}]") for component in components},
         "uncertainty": {key: per_sample(values, f"uncertainty[{key!r}]") for key, values in output.uncertainty.items()},
         "extras": extras,
+        "texts": {str(key): per_sample_text(texts, f"texts[{key!r}]") for key, texts in output.texts.items()},
     }
 
 

@@ -230,6 +230,10 @@ class LogConfig:
     """How many of this run's newest checkpoints to keep on disk (at least 1; the one just written is never deleted)."""
     progress: bool = True
     """Show progress bars on the main process."""
+    reasoning_every: Every = 10
+    """Every this many epochs (and the first), write what the judges wrote about some rollout samples beside their images and scores: run_dir/reasoning/epoch_NNNNN.jsonl with the images as PNG, and a W&B table (0 = never; only rewards that keep their replies, such as the FIRM judges, write any)."""
+    reasoning_samples: Count = 16
+    """Samples per reasoning table (the first ones of each rank, shared out over the ranks)."""
     save_samples: bool = False
     """Write every sample's prompt, group, reward components and advantage to run_dir/samples/epoch_NNNNN.jsonl."""
 

@@ -69,7 +69,6 @@ def transition(
     batch shapes, so that the first inner step is exactly on-policy. The sigmas are the
     schedule's values as Python numbers (the step's math then needs no tensor op of its own) or
     tensors."""
-    batch = latents.shape[0]
     velocity = policy.velocity(latents, _batch_sigma(sigma, latents), cond, guidance_scale, network=network)
     step = flow_sde_step(
         velocity, latents, sigma, sigma_next,

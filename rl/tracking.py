@@ -31,6 +31,7 @@ class NullTracker:
     def log_images(self, key: str, images: np.ndarray, captions: list[str], epoch: int) -> Path | None: ...
     def log_picture(self, key: str, picture, caption: str, epoch: int, filename: str) -> Path | None: ...
     def save_samples(self, epoch: int, rows: list[dict]) -> None: ...
+    def save_reasoning(self, epoch: int, rows: list[dict]) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -113,6 +114,27 @@ class Tracker:
         folder.mkdir(exist_ok=True)
         with open(folder / f"epoch_{epoch:05d}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def save_reasoning(self, epoch: int, rows: list[dict]) -> None:
+        """Rows of (sample_id, prompt, scores, texts, image [H, W, 3] uint8): the images as
+        run_dir/reasoning/epoch_NNNNN/sample_ID.png, the rest as run_dir/reasoning/epoch_NNNNN.jsonl
+        (each row naming its image), and a W&B table with one column per score and per text."""
+        folder = self.run_dir / "reasoning"
+        images = folder / f"epoch_{epoch:05d}"
+        images.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"epoch_{epoch:05d}.jsonl", "w") as f:
+            for row in rows:
+                path = images / f"sample_{row['sample_id']}.png"
+                Image.fromarray(row["image"]).save(path)
+                f.write(json.dumps({"epoch": epoch, **{k: v for k, v in row.items() if k != "image"}, "image": str(path.relative_to(self.run_dir))}) + "\n")
+        if self.wandb is not None and rows:
+            import wandb
+
+            scores, texts = sorted(rows[0]["scores"]), sorted(rows[0]["texts"])
+            table = wandb.Table(columns=["sample_id", "image", "prompt", *scores, *[f"{name} (judge)" for name in texts]])
+            for row in rows:
+                table.add_data(row["sample_id"], wandb.Image(row["image"]), row["prompt"], *[row["scores"][n] for n in scores], *[row["texts"][n] for n in texts])
+            self.wandb.log({"reward/reasoning": table}, step=epoch)
 
     def finish(self) -> None:
         if self.wandb is not None:

@@ -70,6 +70,7 @@ class Rewards:
     scores: dict[str, np.ndarray]  # component -> [n], NaN = missing
     uncertainty: dict[str, np.ndarray]  # component -> [n], where every batch reported one
     metrics: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, list[str]] = field(default_factory=dict)  # component -> [n] judge replies, where every batch kept them
 
 
 @dataclass
@@ -330,6 +331,9 @@ class Trainer:
         drawn = self.draw(epoch)
         sampled = self.roll_out(epoch, drawn)
         rewards = self.score(sampled)
+        every = self.config.log.reasoning_every
+        if rewards.texts and every and (epoch % every == 0 or epoch == 1):
+            self.log_reasoning(epoch, sampled, rewards)
         advantages = self.advantages(epoch, drawn, sampled, rewards)
         global_step, update_metrics = self.update(epoch, sampled, advantages, global_step)
         return global_step, sampled, {**sampled.metrics, **rewards.metrics, **advantages.metrics, **update_metrics}
@@ -410,7 +414,28 @@ class Trainer:
         for name in parts[0].seconds:
             metrics[f"time/reward/{name}_s"] = self.ranks.sum(sum(p.seconds[name] for p in parts))
         metrics["time/reward_s"] = self.ranks.sum(sum(sum(p.seconds.values()) for p in parts))
-        return Rewards(scores, uncertainty, metrics)
+        texts = {c: [text for p in parts for text in p.texts[c]] for c in components if all(c in p.texts for p in parts)}
+        return Rewards(scores, uncertainty, metrics, texts)
+
+    def log_reasoning(self, epoch: int, sampled: Sampled, rewards: Rewards) -> None:
+        """What the judges wrote about the first log.reasoning_samples samples (shared out over the
+        ranks), beside each sample's image, prompt and every component's score, for a person to
+        audit why the critic scored what it scored."""
+        per_rank = -(-self.config.log.reasoning_samples // self.ranks.world_size)
+        batch = sampled.batch
+        local = [
+            {
+                "sample_id": int(batch.sample_ids[i]),
+                "prompt": sampled.items[int(batch.prompt_rows[i])].text,
+                "scores": {name: _json_float(values[i]) for name, values in rewards.scores.items()},
+                "texts": {name: texts[i] for name, texts in rewards.texts.items()},
+                "image": batch.images[i].numpy(),
+            }
+            for i in range(min(per_rank, len(batch)))
+        ]
+        rows = self.ranks.gather_list(local)
+        if self.accelerator.is_main_process:
+            self.tracker.save_reasoning(epoch, rows)
 
     def _abandon_rewards(self, pending: list[Future]) -> None:
         """A reward failed and the run stops: queued reward calls are cancelled, not sent, and
@@ -644,7 +669,7 @@ class Trainer:
         """Forward and backward of DiffusionNFT's loss of samples `rows` at their j-th forward-process
         draw: x_t from the clean latent, the old policy's and the reference's velocities without
         gradients, then the trained one; all CFG-free."""
-        config, acc, t = self.config, self.accelerator, self.config.train
+        acc, t = self.accelerator, self.config.train
         x0 = batch.final_latents[rows].to(acc.device)
         sigma, eps = draws[0][rows, j].to(acc.device), draws[1][rows, j].to(acc.device)
         x_t = noised(x0, eps, sigma)

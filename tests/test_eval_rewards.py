@@ -59,6 +59,7 @@ def test_eval_only_reward_scores_the_held_out_samples_and_is_never_trained_on(ti
     assert evaluations[-1]["eval/jpeg_q30"] == pytest.approx(expected, rel=1e-9)
     # The training reward (quality 95) is another number: the eval-only worker is its own.
     assert evaluations[-1]["eval/jpeg_q30"] != pytest.approx(evaluations[-1]["eval/jpeg_compressibility"] * 0.25 * 500, rel=1e-3)
+    assert not (run_dir / "reasoning").exists()  # no judge, no reasoning to read
     roles = json.loads((run_dir / "images" / "eval_shown.json").read_text())["roles"]
     assert roles["jpeg_q30"] == "monitor"
 

@@ -350,6 +350,8 @@ def test_generate_mode_parses_replies_and_counts_failures(judge_dir, reference, 
     ]
     expected = np.array([parse_score(reply) for reply in replies])
     np.testing.assert_array_equal(output.scores["instruction"], expected)  # NaN where NaN
+    assert output.texts["instruction"] == replies  # what the judge wrote, kept for the reasoning table
+    assert len(output.texts["quality"]) == len(replies)
     scores = output.scores["instruction"]
     assert np.all(np.isnan(scores) | ((scores >= 1) & (scores <= 5)))
     # The random judge writes no score: each reply is a counted failure, not a 0.

@@ -51,7 +51,10 @@ class ScriptedWorker:
             uncertainty = np.where([p == "-inf" for p in batch.prompts], np.inf, uncertainty)
         if self.plan == "strings":
             return RewardOutput(scores={"quality": np.array([str(q) for q in quality]), "alignment": alignment})
-        return RewardOutput(scores={"quality": quality, "alignment": alignment}, uncertainty={"quality": uncertainty})
+        texts = {"quality": [f"{p!r} is {len(p)} long" for p in batch.prompts]} if self.plan == "texts" else {}
+        if self.plan == "short_texts":
+            texts = {"quality": ["only one"]}
+        return RewardOutput(scores={"quality": quality, "alignment": alignment}, uncertainty={"quality": uncertainty}, texts=texts)
 
     def close(self) -> None:
         self.closed = True
@@ -132,3 +135,14 @@ def test_finite_scores_pass_unchanged_and_nothing_is_logged(registered, caplog) 
     np.testing.assert_array_equal(scored.uncertainty["judge/quality"], [0.25, 0.25])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert math.isfinite(runner_for("fine").trained_reward(scored.scores).sum())
+
+
+def test_judge_texts_follow_their_samples_over_chunks(registered) -> None:
+    """What a judge wrote stays with its sample when the runner scores in chunks; a worker that
+    keeps no text adds none, and one that returns texts for other samples stops the call."""
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    scored = runner_for("texts", batch_size=2).score(batch_of(*prompts))
+    assert scored.texts == {"judge/quality": [f"{p!r} is {len(p)} long" for p in prompts]}
+    assert runner_for("fine", batch_size=2).score(batch_of(*prompts)).texts == {}
+    with pytest.raises(RewardError, match="returned 3 texts for a batch of 5"):
+        runner_for("short_texts", batch_size=2).score(batch_of(*prompts))

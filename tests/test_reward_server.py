@@ -457,6 +457,7 @@ class ScriptedWorker:
                 scores={"quality": quality, "alignment": np.ones(len(batch))},
                 uncertainty={"quality": np.full(len(batch), 0.5)},
                 extras={"parsed_fraction": float(np.isfinite(quality).mean()), "undefined": math.nan},
+                texts={"quality": [f"judged {p!r}" for p in batch.prompts]},
             )
         finally:
             self.active -= 1
@@ -501,6 +502,7 @@ def test_null_scores_come_back_as_nan_and_editing_fields_arrive(scripted: tuple[
     np.testing.assert_array_equal(output.scores["alignment"], [1.0, 1.0])
     np.testing.assert_array_equal(output.uncertainty["quality"], [0.5, 0.5])
     assert output.extras["parsed_fraction"] == 0.5 and math.isnan(output.extras["undefined"])
+    assert output.texts == {"quality": ["judged 'unparseable'", "judged 'fine'"]}  # the judge's reasoning travels too
 
     seen = worker.batches[-1]
     np.testing.assert_array_equal(seen.images, images)
