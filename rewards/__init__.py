@@ -17,6 +17,8 @@ WORKERS: dict[str, str] = {
     "pickscore": "rewards.pickscore:PickScore",
     "clipscore": "rewards.clip_scores:CLIPScore",
     "aesthetic": "rewards.clip_scores:LaionAesthetic",
+    "ict": "rewards.clip_scores:ict_score",
+    "hp": "rewards.clip_scores:HPScore",
     "artifact": "rewards.artifact:ArtifactDetector",
     "clip_probe": "rewards.artifact:ClipProbeDetector",
     "dino_probe": "rewards.dino_probe:DinoArtifactProbe",

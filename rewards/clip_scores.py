@@ -3,11 +3,14 @@
 - CLIPScore (Hessel et al. 2021, arXiv 2104.08718): w * max(cos(text, image), 0) with w = 2.5,
   on OpenAI's CLIP ViT-L/14 by default (the paper used ViT-B/32; torchmetrics and flow_grpo use
   ViT-L/14). A reference-free measure of how well the image shows the prompt.
+- ICT and HP (Ba et al. 2025, arXiv 2507.19002): ICT is the plain cosine of a fine-tuned CLIP
+  ViT-H-14's text and image embeddings; HP the sigmoid of an MLP (the aesthetic predictor's
+  layout) on a second fine-tuned CLIP's image embedding.
 - LAION aesthetic predictor v2 (improved-aesthetic-predictor, "sac+logos+ava1-l14-linearMSE"): a
   five-layer MLP, without activations, on the L2-normalised CLIP ViT-L/14 image embedding,
   regressing the 1-10 human aesthetic rating. No text.
 
-Both are easy to game alone (CLIPScore rewards the prompt's words written into the image;
+All are easy to game alone (CLIPScore and ICT reward the prompt's words written into the image;
 aesthetics rewards saturated, smooth pictures): use them as monitors, or inside a Base-and-Bonus
 mix.
 """
@@ -26,9 +29,8 @@ from rewards.base import RewardBatch, RewardOutput
 from rewards.images import check_batch_size, clip_image_features, load_clip, projected, to_pil, torch_dtype
 
 AESTHETIC_HEAD_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
-# The released head's layout: nn.Sequential indices of its Linear layers (the others are dropout).
-AESTHETIC_LINEARS = (0, 2, 4, 6, 7)
-AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)
+# The released heads' layout: nn.Sequential indices of the Linear layers (the others are dropout).
+MLP_LINEARS = (0, 2, 4, 6, 7)
 
 
 class CLIPScore:
@@ -37,6 +39,7 @@ class CLIPScore:
     Args:
         model: CLIPModel checkpoint (hub id or local directory) with its processor.
         weight: w, 2.5 in the paper (100 in torchmetrics' variant).
+        clamp: max(cos, 0) as the paper (False: the plain cosine, as ICT).
         scale: Multiplies the score.
         device, dtype, batch_size: Where and how the model runs (scores in float32).
         name: The component name in RewardOutput.scores.
@@ -49,6 +52,7 @@ class CLIPScore:
         model: str | os.PathLike[str] = "openai/clip-vit-large-patch14",
         *,
         weight: float = 2.5,
+        clamp: bool = True,
         scale: float = 1.0,
         device: str = "cpu",
         dtype: str = "fp32",
@@ -59,7 +63,7 @@ class CLIPScore:
             raise ValueError(f"clipscore weight must be > 0, got {weight}")
         self.device = torch.device(device)
         self.batch_size = check_batch_size(batch_size)
-        self.weight, self.scale = weight, scale
+        self.weight, self.scale, self.clamp = weight, scale, clamp
         self.model = load_clip(model, self.device, torch_dtype(dtype))
         self.processor = AutoProcessor.from_pretrained(model)
         # Prompts longer than the text tower's position table are truncated (CLIP's 77 tokens).
@@ -88,39 +92,40 @@ class CLIPScore:
 
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         cosines = self.cosines(batch.images, list(batch.prompts))
-        scores = self.scale * self.weight * np.maximum(cosines, 0.0)  # NaN stays NaN
+        scores = self.scale * self.weight * (np.maximum(cosines, 0.0) if self.clamp else cosines)  # NaN stays NaN
         finite = cosines[np.isfinite(cosines)]
         extras = {"cosine_mean": float(finite.mean())} if len(finite) else {}
         return RewardOutput(scores={self.components[0]: scores}, extras=extras)
 
 
-def load_aesthetic_head(path: str | os.PathLike[str], feature_size: int) -> torch.nn.Sequential:
-    """The LAION aesthetic MLP from its released state dict (`layers.{0,2,4,6,7}.{weight,bias}`),
-    a .pth read with weights_only=True (no pickled code runs) or a .safetensors; its input width
-    is checked against the CLIP embedding size before any CLIP weights load."""
+def load_mlp_head(path: str | os.PathLike[str], feature_size: int, *, what: str, missing_hint: str) -> torch.nn.Sequential:
+    """An MLP head in improved-aesthetic-predictor's layout (an nn.Sequential `layers` whose
+    Linear layers sit at 0, 2, 4, 6, 7, dropout between, no activations), from a .pth read with
+    weights_only=True (no pickled code runs) or a .safetensors. Keys may carry a prefix before
+    `layers.` (`mlp.layers.0.weight`, as a head saved inside its model is); the widths are read
+    from the tensors, and the input width is checked against the CLIP embedding size before any
+    CLIP weights load."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"aesthetic head {path} not found; download sac+logos+ava1-l14-linearMSE.pth from {AESTHETIC_HEAD_URL} "
-            "and pass its path as head"
-        )
+        raise FileNotFoundError(f"{what} head {path} not found; {missing_hint}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    expected = {f"layers.{i}.{kind}" for i in AESTHETIC_LINEARS for kind in ("weight", "bias")}
+    state = {key[key.find("layers.") :] if "layers." in key else key: value for key, value in state.items()}
+    expected = {f"layers.{i}.{kind}" for i in MLP_LINEARS for kind in ("weight", "bias")}
     if set(state) != expected:
-        raise ValueError(f"aesthetic head {path} must hold {sorted(expected)} (improved-aesthetic-predictor's layout); it holds {sorted(state)}")
+        raise ValueError(f"{what} head {path} must hold {sorted(expected)} (improved-aesthetic-predictor's layout); it holds {sorted(state)}")
     width = state["layers.0.weight"].shape[1]
     if width != feature_size:
-        raise ValueError(f"aesthetic head {path} takes {width}-wide embeddings but the CLIP model's are {feature_size}-wide (the released head needs ViT-L/14)")
-    layers, widths = [], (width, *AESTHETIC_WIDTHS)
-    for index in range(max(AESTHETIC_LINEARS) + 1):
-        if index in AESTHETIC_LINEARS:
-            k = AESTHETIC_LINEARS.index(index)
-            layers.append(torch.nn.Linear(widths[k], widths[k + 1]))
+        raise ValueError(f"{what} head {path} takes {width}-wide embeddings but the CLIP model's are {feature_size}-wide")
+    layers = []
+    for index in range(max(MLP_LINEARS) + 1):
+        if index in MLP_LINEARS:
+            out_features, in_features = state[f"layers.{index}.weight"].shape
+            layers.append(torch.nn.Linear(in_features, out_features))
         else:
             layers.append(torch.nn.Dropout(0.0))  # dropout in training only: identity here
     head = torch.nn.Sequential(*layers)
@@ -128,7 +133,39 @@ def load_aesthetic_head(path: str | os.PathLike[str], feature_size: int) -> torc
     return head.eval().requires_grad_(False)
 
 
-class LaionAesthetic:
+class _CLIPImageHead:
+    """A score from an MLP head on the L2-normalised CLIP image embedding (no text)."""
+
+    what = "MLP"
+    missing_hint = ""
+
+    def __init__(self, clip, head, *, scale: float, device: str, dtype: str, batch_size: int, name: str, sigmoid: bool):
+        self.device = torch.device(device)
+        self.batch_size = check_batch_size(batch_size)
+        self.scale, self.sigmoid = scale, sigmoid
+        self.head = load_mlp_head(head, CLIPConfig.from_pretrained(clip).projection_dim, what=self.what, missing_hint=self.missing_hint).to(self.device)
+        self.model = load_clip(clip, self.device, torch_dtype(dtype))
+        self.processor = AutoImageProcessor.from_pretrained(clip)
+        self.components = (name,)
+
+    @torch.inference_mode()
+    def ratings(self, images: np.ndarray) -> np.ndarray:
+        """The head's output per image (through a sigmoid where the score is a probability): [B] float64."""
+        pil_images = to_pil(images)
+        ratings = [
+            self.head(clip_image_features(self.model, self.processor, pil_images[start : start + self.batch_size], self.device))[:, 0]
+            for start in range(0, len(pil_images), self.batch_size)
+        ]
+        out = torch.cat(ratings) if ratings else torch.zeros(0)
+        return (torch.sigmoid(out) if self.sigmoid else out).cpu().numpy().astype(np.float64)
+
+    def __call__(self, batch: RewardBatch) -> RewardOutput:
+        ratings = self.ratings(batch.images)
+        extras = {"rating_mean": float(ratings.mean())} if len(ratings) else {}
+        return RewardOutput(scores={self.components[0]: self.scale * ratings}, extras=extras)
+
+
+class LaionAesthetic(_CLIPImageHead):
     """Reward = scale * the LAION aesthetic predictor's rating (about 1 to 10) of each image.
 
     Args:
@@ -138,6 +175,9 @@ class LaionAesthetic:
         device, dtype, batch_size: Where and how CLIP runs (the head runs in float32).
         name: The component name in RewardOutput.scores.
     """
+
+    what = "aesthetic"
+    missing_hint = f"download sac+logos+ava1-l14-linearMSE.pth from {AESTHETIC_HEAD_URL} and pass its path as head"
 
     def __init__(
         self,
@@ -150,25 +190,42 @@ class LaionAesthetic:
         batch_size: int = 16,
         name: str = "aesthetic",
     ):
-        self.device = torch.device(device)
-        self.batch_size = check_batch_size(batch_size)
-        self.scale = scale
-        self.head = load_aesthetic_head(head, CLIPConfig.from_pretrained(clip).projection_dim).to(self.device)
-        self.model = load_clip(clip, self.device, torch_dtype(dtype))
-        self.processor = AutoImageProcessor.from_pretrained(clip)
-        self.components = (name,)
+        super().__init__(clip, head, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name, sigmoid=False)
 
-    @torch.inference_mode()
-    def ratings(self, images: np.ndarray) -> np.ndarray:
-        """The predicted rating of each image: [B] float64."""
-        pil_images = to_pil(images)
-        ratings = [
-            self.head(clip_image_features(self.model, self.processor, pil_images[start : start + self.batch_size], self.device))[:, 0]
-            for start in range(0, len(pil_images), self.batch_size)
-        ]
-        return torch.cat(ratings).cpu().numpy().astype(np.float64) if ratings else np.zeros(0)
 
-    def __call__(self, batch: RewardBatch) -> RewardOutput:
-        ratings = self.ratings(batch.images)
-        extras = {"rating_mean": float(ratings.mean())} if len(ratings) else {}
-        return RewardOutput(scores={self.components[0]: self.scale * ratings}, extras=extras)
+class HPScore(_CLIPImageHead):
+    """HP, the High-Preference score of ICT/HP (Ba et al. 2025, arXiv 2507.19002; code BarretBa/ICTHP):
+    sigmoid of an MLP head, in the aesthetic predictor's layout (its first layer as wide as the
+    embedding), on the normalised image embedding of a fine-tuned CLIP ViT-H-14 (1024 wide). No text.
+
+    Args:
+        clip: the HP model's CLIPModel checkpoint (transformers layout), from the ICTHP release.
+        head: the HP MLP's weights (.pth read with weights_only=True, or safetensors); keys may be
+            prefixed (`mlp.layers.0.weight`).
+        scale, device, dtype, batch_size, name: as the other CLIP workers'.
+    """
+
+    what = "HP"
+    missing_hint = "pass the HP MLP's weights from the ICTHP release (github.com/BarretBa/ICTHP) as head"
+
+    def __init__(
+        self,
+        clip: str | os.PathLike[str],
+        *,
+        head: str | os.PathLike[str],
+        scale: float = 1.0,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        batch_size: int = 16,
+        name: str = "hp",
+    ):
+        super().__init__(clip, head, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name, sigmoid=True)
+
+
+def ict_score(
+    model: str | os.PathLike[str], *, scale: float = 1.0, device: str = "cpu", dtype: str = "fp32", batch_size: int = 16, name: str = "ict"
+) -> "CLIPScore":
+    """ICT, the Image-Contained-Text score of ICT/HP (Ba et al. 2025, arXiv 2507.19002): the cosine
+    of a fine-tuned CLIP ViT-H-14's text and image embeddings, unclamped, times `scale`; `model`
+    is the ICT CLIPModel checkpoint (transformers layout) from the ICTHP release. NaN without a prompt."""
+    return CLIPScore(model, weight=1.0, clamp=False, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name)

@@ -120,3 +120,33 @@ def test_aesthetic_head_loads_without_running_pickled_code(clip, tmp_path):
     torch.save({"layers.0.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
         LaionAesthetic(clip, head=tmp_path / "evil.pth")
+
+
+def test_ict_is_the_plain_cosine_and_missing_without_a_prompt(clip):
+    pictures = images(5, seed=8)
+    prompts = ["a red cat", "two birds", "", "city at night", "snowy hill"]
+    out = build_worker("ict", {"model": str(clip), "scale": 2.0})(RewardBatch(images=pictures, prompts=prompts))
+    present = [0, 1, 3, 4]
+    text, image = embeddings(clip, pictures[present], [prompts[i] for i in present])
+    cosines = (text * image).sum(axis=1)
+    assert (cosines < 0).any()  # unclamped, unlike CLIPScore
+    np.testing.assert_allclose(out.scores["ict"][present], 2.0 * cosines, rtol=1e-4, atol=1e-6)
+    assert np.isnan(out.scores["ict"][2])
+
+
+def test_hp_is_the_sigmoid_of_the_mlp_on_the_image_embedding_with_a_prefixed_head(clip, tmp_path):
+    """HP's head is saved inside its model (keys `mlp.layers.N`), as wide as its embedding."""
+    generator = torch.Generator().manual_seed(3)
+    widths = [24, 24, 128, 64, 16, 1]
+    state = {}
+    for index, (a, b) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:])):
+        state[f"mlp.layers.{index}.weight"] = torch.randn(b, a, generator=generator) / a**0.5
+        state[f"mlp.layers.{index}.bias"] = torch.randn(b, generator=generator) * 0.1
+    torch.save(state, tmp_path / "hp.pth")
+    pictures = images(5, seed=9)
+    _, image = embeddings(clip, pictures, ["x"] * 5)
+    logits = image
+    for index in (0, 2, 4, 6, 7):
+        logits = logits @ state[f"mlp.layers.{index}.weight"].double().numpy().T + state[f"mlp.layers.{index}.bias"].double().numpy()
+    out = build_worker("hp", {"clip": str(clip), "head": str(tmp_path / "hp.pth"), "batch_size": 2})(RewardBatch(images=pictures, prompts=[""] * 5))
+    np.testing.assert_allclose(out.scores["hp"], 1 / (1 + np.exp(-logits[:, 0])), rtol=1e-4, atol=1e-6)
