@@ -48,7 +48,7 @@ def test_config_file_loads_with_its_data(path, configs_dir):
             assert Path(value).is_absolute() and Path(value).is_file(), f"{path.name}: data.{key} = {value}"
             assert Path(value).is_relative_to(configs_dir.parent), f"{path.name}: data.{key} resolved outside the config's tree"
     assert config.data.train_prompts or config.data.train_edits
-    for name, spec in config.rewards.items():
+    for name, spec in {**config.rewards, **config.eval.rewards}.items():
         assert (spec.worker or name) in WORKERS, f"{path.name}: reward {name!r} is not a registered worker"
 
 
