@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoProcessor, CLIPConfig
 
 from rewards.base import RewardBatch, RewardOutput
-from rewards.images import check_batch_size, clip_image_features, load_clip, projected, to_pil, torch_dtype
+from rewards.images import check_batch_size, clip_image_features, clip_max_text_tokens, clip_text_features, load_clip, to_pil, torch_dtype
 
 AESTHETIC_HEAD_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 # The released heads' layout: nn.Sequential indices of the Linear layers (the others are dropout).
@@ -66,8 +65,7 @@ class CLIPScore:
         self.weight, self.scale, self.clamp = weight, scale, clamp
         self.model = load_clip(model, self.device, torch_dtype(dtype))
         self.processor = AutoProcessor.from_pretrained(model)
-        # Prompts longer than the text tower's position table are truncated (CLIP's 77 tokens).
-        self.max_text_tokens = min(self.processor.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        self.max_text_tokens = clip_max_text_tokens(self.model, self.processor)
         self.components = (name,)
 
     @torch.inference_mode()
@@ -81,12 +79,7 @@ class CLIPScore:
         for start in range(0, len(present), self.batch_size):
             rows = present[start : start + self.batch_size]
             image_embeds = clip_image_features(self.model, self.processor, [pil_images[i] for i in rows], self.device)
-            text = self.processor(
-                text=[prompts[i] for i in rows], padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-            ).to(self.device)
-            text_embeds = F.normalize(
-                projected(self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])).float(), dim=-1
-            )
+            text_embeds = clip_text_features(self.model, self.processor, [prompts[i] for i in rows], self.device, self.max_text_tokens)
             out[rows] = (text_embeds * image_embeds).sum(dim=-1).cpu().numpy()
         return out
 

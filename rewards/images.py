@@ -76,6 +76,20 @@ def load_clip(path: str | os.PathLike[str], device: torch.device, dtype: torch.d
     return model.to(device).eval().requires_grad_(False)
 
 
+def clip_text_features(model: CLIPModel, processor: ProcessorMixin, prompts: list[str], device: torch.device, max_tokens: int) -> torch.Tensor:
+    """Projected, L2-normalised CLIP text embeddings, prompts truncated to max_tokens: [B, D] float32."""
+    text = processor(text=prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    features = projected(model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])).float()
+    return F.normalize(features, dim=-1)
+
+
+def clip_max_text_tokens(model: CLIPModel, processor: ProcessorMixin) -> int:
+    """The longest prompt the text tower takes: longer ones would crash its position table, so they
+    are truncated (CLIP's 77 tokens). The tokenizer's own limit can be unset (a huge sentinel),
+    hence the min with the model's."""
+    return min(processor.tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+
+
 def clip_image_features(
     model: CLIPModel,
     processor: ProcessorMixin | BaseImageProcessor,

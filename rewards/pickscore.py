@@ -11,11 +11,10 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoProcessor
 
 from rewards.base import RewardBatch, RewardOutput
-from rewards.images import check_batch_size, clip_image_features, load_clip, projected, to_pil, torch_dtype
+from rewards.images import check_batch_size, clip_image_features, clip_max_text_tokens, clip_text_features, load_clip, to_pil, torch_dtype
 
 
 class PickScore:
@@ -48,12 +47,7 @@ class PickScore:
         self.scale = scale
         self.model = load_clip(model, self.device, torch_dtype(dtype))
         self.processor = AutoProcessor.from_pretrained(processor)
-        # Prompts longer than the text tower's position table would crash the forward pass;
-        # truncate instead (CLIP's 77 tokens). The tokenizer's own limit can be unset (a huge
-        # sentinel), hence the min with the model's.
-        self.max_text_tokens = min(
-            self.processor.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings
-        )
+        self.max_text_tokens = clip_max_text_tokens(self.model, self.processor)
         self.components = (name,)
 
     @torch.inference_mode()
@@ -68,13 +62,7 @@ class PickScore:
         for start in range(0, len(prompts), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             image_embeds = clip_image_features(self.model, self.processor, pil_images[chunk], self.device)
-            text_inputs = self.processor(
-                text=prompts[chunk], padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-            ).to(self.device)
-            text_features = projected(
-                self.model.get_text_features(input_ids=text_inputs["input_ids"], attention_mask=text_inputs["attention_mask"])
-            )
-            text_embeds = F.normalize(text_features.float(), dim=-1)
+            text_embeds = clip_text_features(self.model, self.processor, prompts[chunk], self.device, self.max_text_tokens)
             scores.append(logit_scale * (text_embeds * image_embeds).sum(dim=-1))
         if not scores:
             return np.zeros(0, dtype=np.float64)

@@ -545,16 +545,16 @@ class Trainer:
                                     sums[key] = sums.get(key, 0.0) + float(value)
                             terms += 1
                             finite = True
-                            if acc.sync_gradients and not self.deepspeed:
-                                # The norm of the gradients all ranks share (DDP has reduced them):
-                                # every rank takes the same decision.
-                                norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
-                                finite = math.isfinite(norm)
-                                if finite:
-                                    grad_norms.append(norm)
+                            # Between accumulation boundaries accelerate's step and zero_grad do
+                            # nothing (DeepSpeed steps inside its backward) but still cost.
                             if acc.sync_gradients:
-                                # Between accumulation boundaries accelerate's step and zero_grad
-                                # do nothing (DeepSpeed steps inside its backward) but still cost.
+                                if not self.deepspeed:
+                                    # The norm of the gradients all ranks share (DDP has reduced
+                                    # them): every rank takes the same decision.
+                                    norm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
+                                    finite = math.isfinite(norm)
+                                    if finite:
+                                        grad_norms.append(norm)
                                 if finite:
                                     self.optimizer.step()
                                 self.optimizer.zero_grad(set_to_none=True)
