@@ -25,6 +25,12 @@ WORKERS: dict[str, str] = {
     # The FIRM workers take a JudgeSettings; from_params builds it from the flat YAML params.
     "firm_gen": "rewards.firm:FirmGen.from_params",
     "firm_edit": "rewards.firm:FirmEdit.from_params",
+    # Rubric judges on the same backends: presets, or vlm_judge with a rubric file of your own.
+    "unified_reward": "rewards.vlm_judge:unified_reward",
+    "viescore": "rewards.vlm_judge:viescore",
+    "viescore_edit": "rewards.vlm_judge:viescore_edit",
+    "editscore": "rewards.vlm_judge:editscore",
+    "vlm_judge": "rewards.vlm_judge:vlm_judge",
     "edit_color": "rewards.edit_verify:EditColor",
     "shapes_geneval": "rewards.shapes_geneval:ShapesGenEval",
 }

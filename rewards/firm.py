@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import os
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
@@ -53,6 +52,7 @@ from PIL import Image
 from rewards.base import RewardBatch, RewardOutput
 from rewards.images import fit_image
 from rewards.judges.backends import JudgeRequest, OpenAIJudge, TransformersJudge
+from rewards.judges.rubric import check_template
 from rewards.judges.parse import (
     QUALITY_KEYS,
     ScoreDistribution,
@@ -64,7 +64,7 @@ from rewards.judges.parse import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FirmEdit", "FirmGen", "JudgeSettings", "load_template"]
+__all__ = ["FirmEdit", "FirmGen", "JudgeSettings", "JudgeWorker", "load_template"]
 
 # One prefill per quality sub-score, in the form of the backends' SCORE_PREFILL: the judge's next
 # token is that sub-score's digit.
@@ -91,18 +91,7 @@ def load_template(path: str | os.PathLike[str] | None, default_name: str, fields
     if not file.is_file():
         raise FileNotFoundError(f"FIRM prompt template {file} does not exist")
     text = file.read_text(encoding="utf-8")
-    try:
-        used = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
-    except ValueError as err:
-        raise ValueError(
-            f"FIRM prompt template {file} is not a valid str.format template ({err}); double literal braces: {{{{ }}}}"
-        ) from err
-    if used != set(fields):
-        expected = ", ".join("{" + field + "}" for field in fields) or "no fields"
-        found = ", ".join("{" + field + "}" for field in sorted(used)) or "no fields"
-        raise ValueError(
-            f"FIRM prompt template {file} must use {expected}, found {found}; double literal braces: {{{{ }}}}"
-        )
+    check_template(text, fields, f"FIRM prompt template {file}")
     return text
 
 
@@ -140,8 +129,10 @@ class JudgeSettings:
     """openai backend: the server's API root, e.g. "http://127.0.0.1:8000/v1"."""
     api_model: str | None = None
     """openai backend: the served model name, if it differs from the worker's `model`."""
+    api_key_env: str | None = None
+    """openai backend: the environment variable holding the API key, sent as a bearer token (a hosted API); none sends no key (a local vLLM)."""
     scoring: Literal["distribution", "generate"] | None = None
-    """"distribution" (score-token probabilities) or "generate" (a free reply, parsed); none = "distribution" unless use_logprobs=False."""
+    """"distribution" (score-token probabilities) or "generate" (a free reply, parsed); none = the worker's default ("distribution" for the FIRM judges, "generate" for rubric judges) unless use_logprobs=False."""
     use_logprobs: bool = True
     """False is shorthand for scoring="generate"."""
     device: str = "cpu"
@@ -166,15 +157,17 @@ class JudgeSettings:
     """openai backend, distribution mode: alternatives per position (vLLM caps them at 20 by default); score digits outside them count 0."""
 
 
-class _FirmJudge:
-    """What FirmGen and FirmEdit share: the backend, the scoring mode, images, failure counting."""
+class JudgeWorker:
+    """What the judge workers (FirmGen, FirmEdit, rewards.vlm_judge.RubricJudge) share: the
+    backend, the scoring mode, images, failure counting. `default_scoring` is the mode when the
+    settings name none and allow token probabilities."""
 
     components: tuple[str, ...]
 
-    def __init__(self, model: str, settings: JudgeSettings, name: str):
+    def __init__(self, model: str, settings: JudgeSettings, name: str, default_scoring: str = "distribution"):
         scoring = settings.scoring
         if scoring is None:
-            scoring = "distribution" if settings.use_logprobs else "generate"
+            scoring = default_scoring if settings.use_logprobs else "generate"
         if scoring not in ("distribution", "generate"):
             raise ValueError(f"{name}: scoring must be 'distribution' or 'generate', got {scoring!r}")
         if scoring == "distribution" and not settings.use_logprobs:
@@ -192,8 +185,13 @@ class _FirmJudge:
         elif settings.backend == "openai":
             if not settings.base_url:
                 raise ValueError(f"{name}: backend 'openai' needs base_url, e.g. http://127.0.0.1:8000/v1 (vllm serve {model})")
+            api_key = None
+            if settings.api_key_env:
+                api_key = os.environ.get(settings.api_key_env)
+                if not api_key:
+                    raise ValueError(f"{name}: api_key_env names {settings.api_key_env}, which is not set in the environment")
             self.backend = OpenAIJudge(
-                settings.base_url, settings.api_model or model, concurrency=settings.concurrency,
+                settings.base_url, settings.api_model or model, api_key=api_key, concurrency=settings.concurrency,
                 timeout_s=settings.timeout_s, retries=settings.retries, backoff_s=settings.backoff_s,
                 top_logprobs=settings.top_logprobs,
             )
@@ -201,7 +199,7 @@ class _FirmJudge:
             raise ValueError(f"{name}: backend must be 'transformers' or 'openai', got {settings.backend!r}")
 
     @classmethod
-    def from_params(cls, **params: Any) -> _FirmJudge:
+    def from_params(cls, **params: Any) -> JudgeWorker:
         """The worker from a flat `rewards.<name>.params` mapping, as the registry builds it: the
         JudgeSettings fields go to the settings, the rest (model, templates, name) to the
         constructor, which rejects an unknown key by name."""
@@ -250,7 +248,7 @@ def _put(extras: dict[str, float], key: str, value: float | None) -> None:
         extras[key] = value
 
 
-class FirmGen(_FirmJudge):
+class FirmGen(JudgeWorker):
     """FIRM-Gen judge: components ("instruction", "quality"), raw 1..5, NaN when unreadable.
 
     "instruction": how well the image follows its prompt. "quality": the min of three image-only
@@ -317,7 +315,7 @@ class FirmGen(_FirmJudge):
         return self._output({"instruction": instruction_result, "quality": quality_result}, extras)
 
 
-class FirmEdit(_FirmJudge):
+class FirmEdit(JudgeWorker):
     """FIRM-Edit judge: components ("execution", "consistency"), raw 1..5, NaN when unreadable.
 
     Both questions show the source image first, then the edited image (batch.images), then the

@@ -6,9 +6,12 @@ POST /v1/chat/completions implements the part of vLLM's API the FIRM worker uses
 `image_url` data URLs, `max_tokens`, greedy decoding, `logprobs` with `top_logprobs`, and
 `continue_final_message` / `add_generation_prompt` (vLLM's extensions, sent as top-level fields).
 Test hooks: POST /control {"mode": "garbage"} makes it answer text without a score (and no score
-token among the top logprobs), {"mode": "model"} restores it, {"fail_next": N} answers the next N
+token among the top logprobs), {"mode": "model"} restores it, {"script": {"needle": "reply", ...}}
+makes a free reply (not a continued assistant turn) to a request whose text holds "needle" be
+"reply" (the model still answers continued turns, so score probabilities stay real; {"script": {}}
+ends it), {"fail_next": N} answers the next N
 chat requests with HTTP 503, {"reset_stats": true} zeroes the maxima below; GET /stats counts the chat requests and reports the most requests
-ever in flight at once and the longest image side received; GET /health says it is up.
+ever in flight at once, the longest image side received and the last Authorization header; GET /health says it is up.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 from transformers import AutoModelForImageTextToText
@@ -65,7 +68,7 @@ def create_app(model_dir: str) -> FastAPI:
     model_lock = threading.Lock()  # one forward at a time: requests arrive on several threads
     # Separate from the model lock, so that a request waiting for the model counts as in flight.
     stats_lock = threading.Lock()
-    state = {"mode": "model", "fail_next": 0, "chat_requests": 0, "in_flight": 0, "max_in_flight": 0, "max_image_side": 0}
+    state = {"mode": "model", "script": {}, "fail_next": 0, "chat_requests": 0, "in_flight": 0, "max_in_flight": 0, "max_image_side": 0, "last_authorization": None}
     app = FastAPI()
 
     def token_entry(token_id: int, log_probs: torch.Tensor, top: int) -> dict[str, Any]:
@@ -83,6 +86,15 @@ def create_app(model_dir: str) -> FastAPI:
             letters = [{"token": letter, "logprob": -1.0} for letter in "abcdefghij"]
             choice["logprobs"] = {"content": [{"token": "I", "logprob": -0.5, "top_logprobs": letters}]}
         return choice
+
+    def scripted(body: dict[str, Any]) -> dict[str, Any] | None:
+        if body.get("continue_final_message"):
+            return None
+        text = " ".join(part.get("text", "") for message in body["messages"] if isinstance(message["content"], list) for part in message["content"])
+        reply = next((reply for needle, reply in state["script"].items() if needle in text), None)
+        if reply is None:
+            return None
+        return {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
 
     def answer(body: dict[str, Any]) -> dict[str, Any]:
         messages, images = _chat_inputs(body["messages"])
@@ -117,29 +129,30 @@ def create_app(model_dir: str) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/stats")
-    def stats() -> dict[str, int]:
+    def stats() -> dict[str, Any]:
         with stats_lock:
-            return {key: state[key] for key in ("chat_requests", "max_in_flight", "max_image_side")}
+            return {key: state[key] for key in ("chat_requests", "max_in_flight", "max_image_side", "last_authorization")}
 
     @app.post("/control")
     def control(body: dict[str, Any]) -> dict[str, Any]:
         with stats_lock:
-            state.update({key: body[key] for key in ("mode", "fail_next") if key in body})
+            state.update({key: body[key] for key in ("mode", "script", "fail_next") if key in body})
             if body.get("reset_stats"):
                 state.update(max_in_flight=0, max_image_side=0)
             return {"mode": state["mode"], "fail_next": state["fail_next"]}
 
     @app.post("/v1/chat/completions")
-    def chat(body: dict[str, Any]) -> Any:
+    def chat(body: dict[str, Any], request: Request) -> Any:
         with stats_lock:
             state["chat_requests"] += 1
+            state["last_authorization"] = request.headers.get("authorization")
             if state["fail_next"] > 0:
                 state["fail_next"] -= 1
                 return JSONResponse(status_code=503, content={"error": "temporarily overloaded (test hook)"})
             state["in_flight"] += 1
             state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
         try:
-            choice = garbage(body) if state["mode"] == "garbage" else answer(body)
+            choice = garbage(body) if state["mode"] == "garbage" else (scripted(body) or answer(body))
         finally:
             with stats_lock:
                 state["in_flight"] -= 1

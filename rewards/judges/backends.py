@@ -26,9 +26,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from rewards.codec import encode_image
 from rewards.images import check_batch_size, torch_dtype
-from rewards.judges.parse import SCORE_DIGITS, ScoreDistribution, distribution_from_logprobs
+from rewards.judges.parse import DIGITS, ScoreDistribution, digit_probs_from_logprobs, score_distribution
 
 __all__ = [
+    "DigitProbs",
     "ImageOnlyQwen3VLProcessor",
     "JudgeRequest",
     "OpenAIJudge",
@@ -51,6 +52,20 @@ class JudgeRequest:
     images: tuple[Image.Image, ...]
     text: str
     prefill: str = SCORE_PREFILL
+
+
+@dataclass
+class DigitProbs:
+    """What the judge would write next after a request's prefill: the probabilities of the
+    tokens "0".."9" ([10], not renormalised) and a line for the log."""
+
+    probs: np.ndarray
+    reply: str
+
+    def score(self) -> ScoreDistribution:
+        """As a 1..5 score: the digits 1..5 renormalised, with their mass."""
+        probs, mass = score_distribution(self.probs)
+        return ScoreDistribution(probs, mass, self.reply)
 
 
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
@@ -129,10 +144,10 @@ class TransformersJudge:
         self.model.to(self.device).eval().requires_grad_(False)
         tokenizer = self.processor.tokenizer
         digit_ids = []
-        for digit in SCORE_DIGITS:
+        for digit in DIGITS:
             ids = tokenizer.encode(digit, add_special_tokens=False)
             if len(ids) != 1:
-                raise ValueError(f"judge {model}: the score {digit!r} is not a single token ({ids}); use scoring='generate'")
+                raise ValueError(f"judge {model}: the digit {digit!r} is not a single token ({ids}); use scoring='generate'")
             digit_ids.append(ids[0])
         self.digit_ids = torch.tensor(digit_ids, device=self.device)
         self._checked_prefills: set[str] = set()
@@ -142,9 +157,11 @@ class TransformersJudge:
         tokenizer that merged it with the trailing space would make position -1 meaningless."""
         if prefill in self._checked_prefills:
             return
+        if len(self._checked_prefills) > 4096:  # replies used as prefills are all different
+            self._checked_prefills.clear()
         tokenizer = self.processor.tokenizer
         head = tokenizer.encode(prefill, add_special_tokens=False)
-        for digit, digit_id in zip(SCORE_DIGITS, self.digit_ids.tolist()):
+        for digit, digit_id in zip(DIGITS, self.digit_ids.tolist()):
             if tokenizer.encode(prefill + digit, add_special_tokens=False) != head + [digit_id]:
                 raise ValueError(
                     f"the judge's tokenizer does not split {prefill + digit!r} into {prefill!r} + {digit!r}; "
@@ -169,22 +186,24 @@ class TransformersJudge:
         }
 
     @torch.inference_mode()
-    def distributions(self, requests: Sequence[JudgeRequest]) -> list[ScoreDistribution]:
+    def digit_distributions(self, requests: Sequence[JudgeRequest]) -> list[DigitProbs]:
+        """The next-token probabilities of "0".."9" after each request's prefill."""
         for prefill in {request.prefill for request in requests}:
             self._check_prefill(prefill)
-        results: list[ScoreDistribution] = []
+        results: list[DigitProbs] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             logits = self.model(**self._inputs(chunk, prefill=True), logits_to_keep=1).logits[:, -1, :]
             # float32: in bf16 neighbouring logits differ by steps of ~1%, too coarse for a reward.
-            log_probs = torch.log_softmax(logits.float(), dim=-1)[:, self.digit_ids].double()
-            masses = log_probs.exp().sum(dim=-1)
-            probs = torch.softmax(log_probs, dim=-1)
-            top = log_probs.argmax(dim=-1)
+            probs = torch.log_softmax(logits.float(), dim=-1)[:, self.digit_ids].double().exp().cpu().numpy()
             for row in range(len(chunk)):
-                reply = f"{SCORE_DIGITS[int(top[row])]} (score-token mass {float(masses[row]):.3g})"
-                results.append(ScoreDistribution(probs[row].cpu().numpy(), float(masses[row]), reply))
+                top = int(probs[row].argmax())
+                results.append(DigitProbs(probs[row], f"{DIGITS[top]} (digit mass {float(probs[row].sum()):.3g})"))
         return results
+
+    def distributions(self, requests: Sequence[JudgeRequest]) -> list[ScoreDistribution]:
+        """The 1..5 score distribution after each request's prefill."""
+        return [digits.score() for digits in self.digit_distributions(requests)]
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int) -> list[str]:
@@ -221,6 +240,7 @@ class OpenAIJudge:
         backoff_s: the first sleep between attempts.
         top_logprobs: alternatives per position in the distribution mode (vLLM's default cap is
             20); score digits outside them count 0.
+        api_key: sent as a bearer token when given (a hosted API); a local vLLM needs none.
     """
 
     def __init__(
@@ -228,6 +248,7 @@ class OpenAIJudge:
         base_url: str,
         api_model: str,
         *,
+        api_key: str | None = None,
         concurrency: int = 8,
         timeout_s: float = 120.0,
         retries: int = 3,
@@ -248,6 +269,7 @@ class OpenAIJudge:
         self._http = httpx.Client(
             timeout=timeout_s,
             trust_env=False,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
 
@@ -325,10 +347,12 @@ class OpenAIJudge:
             raise first_error
         return [future.result() for future in futures]
 
-    def distributions(self, requests: Sequence[JudgeRequest]) -> list[ScoreDistribution]:
+    def digit_distributions(self, requests: Sequence[JudgeRequest]) -> list[DigitProbs]:
+        """The probabilities of "0".."9" after each request's prefill, from the returned
+        top_logprobs (digits outside them count 0)."""
         urls = self._image_urls(requests)
 
-        def ask(request: JudgeRequest) -> ScoreDistribution:
+        def ask(request: JudgeRequest) -> DigitProbs:
             body = {
                 "model": self.api_model,
                 "messages": self._messages(request, urls) + [{"role": "assistant", "content": request.prefill}],
@@ -348,12 +372,15 @@ class OpenAIJudge:
                     f"judge endpoint {self.endpoint} returned no logprobs; use a server that supports them "
                     "(vLLM does) or scoring='generate'"
                 )
-            probs, mass = distribution_from_logprobs(content)
             text = (choice.get("message") or {}).get("content") or ""
             tops = [top.get("token") for top in (content[0].get("top_logprobs") or [])[:8]] if content else []
-            return ScoreDistribution(probs, mass, f"{text!r}; top tokens {tops}")
+            return DigitProbs(digit_probs_from_logprobs(content), f"{text!r}; top tokens {tops}")
 
         return self._map(ask, requests)
+
+    def distributions(self, requests: Sequence[JudgeRequest]) -> list[ScoreDistribution]:
+        """The 1..5 score distribution after each request's prefill."""
+        return [digits.score() for digits in self.digit_distributions(requests)]
 
     def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int) -> list[str]:
         urls = self._image_urls(requests)

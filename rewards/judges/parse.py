@@ -16,10 +16,14 @@ import numpy as np
 
 __all__ = [
     "QUALITY_KEYS",
+    "DIGITS",
     "SCORE_DIGITS",
     "SCORE_VALUES",
     "ScoreDistribution",
+    "digit_probs_from_logprobs",
     "distribution_from_logprobs",
+    "number_distribution",
+    "score_distribution",
     "min_distribution",
     "parse_score",
     "parse_scores",
@@ -28,6 +32,7 @@ __all__ = [
 
 SCORE_VALUES = np.arange(1, 6, dtype=np.float64)  # the judges' scale, 1..5
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
+DIGITS = tuple("0123456789")  # the tokens a score is written with, one digit at a time
 # The image-quality sub-scores a FIRM-Gen quality reply holds; parse_scores reads them by default.
 QUALITY_KEYS = ("aesthetics", "technical_quality", "structure_texture")
 
@@ -320,18 +325,18 @@ def min_distribution(distributions: Sequence[np.ndarray]) -> np.ndarray:
     return survival - np.concatenate([survival[:, 1:], np.zeros_like(survival[:, :1])], axis=1)
 
 
-def distribution_from_logprobs(content: Sequence[dict[str, Any]]) -> tuple[np.ndarray, float]:
-    """The score distribution in an OpenAI-style `choices[0].logprobs.content` list.
+def digit_probs_from_logprobs(content: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Probabilities of the tokens "0".."9" at the score position of an OpenAI-style
+    `choices[0].logprobs.content` list: [10], not renormalised (1 - their sum is the chance the
+    judge writes something else there).
 
     Reads the first position whose chosen token is not whitespace: a server whose chat template
-    trims the trailing space of a continued message makes the judge emit the space first. The
-    probabilities of the tokens "1".."5" among that position's top_logprobs (a token with
-    surrounding whitespace counts for its digit) are renormalised; digits outside the top list
-    count 0. Returns ([5] probabilities, their mass before renormalising); all NaN and 0 when no
-    score token is among them.
+    trims the trailing space of a continued message makes the judge emit the space first. A
+    token with surrounding whitespace counts for its digit; digits outside the returned
+    top_logprobs count 0.
     """
     entry = next((item for item in content if str(item.get("token", "")).strip()), None)
-    mass = np.zeros(5, dtype=np.float64)
+    probs = np.zeros(10, dtype=np.float64)
     if entry is not None:
         logprobs: dict[str, float] = {}
         for top in entry.get("top_logprobs") or []:
@@ -340,10 +345,56 @@ def distribution_from_logprobs(content: Sequence[dict[str, Any]]) -> tuple[np.nd
         logprobs.setdefault(str(entry["token"]), float(entry["logprob"]))
         for token, logprob in logprobs.items():
             digit = token.strip()
-            if digit in SCORE_DIGITS:
-                mass[SCORE_DIGITS.index(digit)] += math.exp(logprob)
+            if digit in DIGITS:
+                probs[DIGITS.index(digit)] += math.exp(logprob)
+    return probs
+
+
+def score_distribution(digit_probs: np.ndarray) -> tuple[np.ndarray, float]:
+    """The 1..5 distribution in ten digit probabilities: ([5] renormalised, their mass before
+    renormalising); all NaN and 0 when no score token has any probability."""
+    mass = np.asarray(digit_probs, dtype=np.float64)[1:6]
     total = float(mass.sum())
     if total <= 0.0:
         return np.full(5, math.nan), 0.0
     return mass / total, total
 
+
+def distribution_from_logprobs(content: Sequence[dict[str, Any]]) -> tuple[np.ndarray, float]:
+    """The 1..5 score distribution in an OpenAI-style logprobs content list (see
+    digit_probs_from_logprobs): ([5] renormalised, their mass before renormalising); all NaN and
+    0 when no score token is among the returned alternatives."""
+    return score_distribution(digit_probs_from_logprobs(content))
+
+
+def number_distribution(first: np.ndarray, after: dict[int, np.ndarray], low: int, high: int) -> tuple[np.ndarray, float]:
+    """The distribution of a whole number in [low, high] (0 <= low < high <= 99) that a judge is
+    about to write one digit token at a time.
+
+    `first` holds the probabilities of "0".."9" as the number's first token; `after[d]`, for each
+    leading digit d that starts a two-digit number in range (10 d <= high), those of the token
+    after "d". Then P(d) = first[d] x (1 - sum(after[d])) (the judge stops after d: a space, a
+    comma, a decimal point), P(10 d + e) = first[d] x after[d][e], and a one-digit number that
+    cannot start a two-digit one in range is first[d]. Numbers outside [low, high] (the judge
+    writing "27" on a 0..25 scale) are dropped and the rest renormalised. Returns ([high - low
+    + 1] over low..high, the in-range mass before renormalising); all NaN and 0 when it is 0.
+    """
+    if not (0 <= low < high <= 99):
+        raise ValueError(f"a score scale must be whole numbers 0 <= low < high <= 99, got [{low}, {high}]")
+    first = np.asarray(first, dtype=np.float64)
+    pmf = np.zeros(high - low + 1, dtype=np.float64)
+    for digit in range(10):
+        stops = first[digit]
+        if digit and 10 * digit <= high:
+            following = np.asarray(after[digit], dtype=np.float64)
+            stops = first[digit] * max(0.0, 1.0 - float(following.sum()))
+            for second in range(10):
+                value = 10 * digit + second
+                if low <= value <= high:
+                    pmf[value - low] += first[digit] * following[second]
+        if low <= digit <= high:
+            pmf[digit - low] += stops
+    total = float(pmf.sum())
+    if total <= 0.0:
+        return np.full_like(pmf, math.nan), 0.0
+    return pmf / total, total
