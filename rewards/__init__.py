@@ -19,6 +19,7 @@ WORKERS: dict[str, str] = {
     "aesthetic": "rewards.clip_scores:LaionAesthetic",
     "ict": "rewards.clip_scores:ict_score",
     "hp": "rewards.clip_scores:HPScore",
+    "image_reward": "rewards.image_reward:ImageReward",
     "artifact": "rewards.artifact:ArtifactDetector",
     "clip_probe": "rewards.artifact:ClipProbeDetector",
     "dino_probe": "rewards.dino_probe:DinoArtifactProbe",

@@ -92,12 +92,8 @@ class CLIPScore:
 
 
 def load_mlp_head(path: str | os.PathLike[str], feature_size: int, *, what: str, missing_hint: str) -> torch.nn.Sequential:
-    """An MLP head in improved-aesthetic-predictor's layout (an nn.Sequential `layers` whose
-    Linear layers sit at 0, 2, 4, 6, 7, dropout between, no activations), from a .pth read with
-    weights_only=True (no pickled code runs) or a .safetensors. Keys may carry a prefix before
-    `layers.` (`mlp.layers.0.weight`, as a head saved inside its model is); the widths are read
-    from the tensors, and the input width is checked against the CLIP embedding size before any
-    CLIP weights load."""
+    """An MLP head in improved-aesthetic-predictor's layout (see mlp_head) from a .pth read with
+    weights_only=True (no pickled code runs) or a .safetensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} head {path} not found; {missing_hint}")
@@ -107,13 +103,22 @@ def load_mlp_head(path: str | os.PathLike[str], feature_size: int, *, what: str,
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    return mlp_head(state, feature_size, what=f"{what} head {path}")
+
+
+def mlp_head(state: dict[str, torch.Tensor], feature_size: int, *, what: str) -> torch.nn.Sequential:
+    """An MLP head in improved-aesthetic-predictor's layout (an nn.Sequential `layers` whose
+    Linear layers sit at 0, 2, 4, 6, 7, dropout between, no activations) from its tensors. Keys
+    may carry a prefix before `layers.` (`mlp.layers.0.weight`, as a head saved inside its model
+    is); the widths are read from the tensors, and the input width is checked against the
+    embedding it reads before any other weights load."""
     state = {key[key.find("layers.") :] if "layers." in key else key: value for key, value in state.items()}
     expected = {f"layers.{i}.{kind}" for i in MLP_LINEARS for kind in ("weight", "bias")}
     if set(state) != expected:
-        raise ValueError(f"{what} head {path} must hold {sorted(expected)} (improved-aesthetic-predictor's layout); it holds {sorted(state)}")
+        raise ValueError(f"{what} must hold {sorted(expected)} (improved-aesthetic-predictor's layout); it holds {sorted(state)}")
     width = state["layers.0.weight"].shape[1]
     if width != feature_size:
-        raise ValueError(f"{what} head {path} takes {width}-wide embeddings but the CLIP model's are {feature_size}-wide")
+        raise ValueError(f"{what} takes {width}-wide embeddings but the model's are {feature_size}-wide")
     layers = []
     for index in range(max(MLP_LINEARS) + 1):
         if index in MLP_LINEARS:

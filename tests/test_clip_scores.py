@@ -100,7 +100,7 @@ def test_aesthetic_rating_is_the_released_mlp_on_the_normalised_image_embedding(
 
 def test_aesthetic_head_is_checked_before_clip_loads(clip, tmp_path):
     save_head(tmp_path / "wide.pth", width=768)
-    with pytest.raises(ValueError, match="768-wide embeddings but the CLIP model's are 24-wide"):
+    with pytest.raises(ValueError, match="768-wide embeddings but the model's are 24-wide"):
         LaionAesthetic(clip, head=tmp_path / "wide.pth")
     with pytest.raises(FileNotFoundError, match="improved-aesthetic-predictor"):
         LaionAesthetic(clip, head=tmp_path / "absent.pth")
