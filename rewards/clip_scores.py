@@ -3,9 +3,12 @@
 - CLIPScore (Hessel et al. 2021, arXiv 2104.08718): w * max(cos(text, image), 0) with w = 2.5,
   on OpenAI's CLIP ViT-L/14 by default (the paper used ViT-B/32; torchmetrics and flow_grpo use
   ViT-L/14). A reference-free measure of how well the image shows the prompt.
-- ICT and HP (Ba et al. 2025, arXiv 2507.19002): ICT is the plain cosine of a fine-tuned CLIP
-  ViT-H-14's text and image embeddings; HP the sigmoid of an MLP (the aesthetic predictor's
-  layout) on a second fine-tuned CLIP's image embedding.
+- ICT and HP (Ba et al. 2025, arXiv 2507.19002; release github.com/BarretBa/ICTHP): ICT is the
+  plain cosine of a fine-tuned CLIP ViT-H-14's text and image embeddings; HP the sigmoid of an MLP
+  (the aesthetic predictor's layout, 1024 wide) on a second fine-tuned CLIP's projected image
+  embedding, not normalised (as the release scores it). The release ships state dicts to load
+  over laion/CLIP-ViT-H-14-laion2B-s32B-b79K: ICT/pytorch_model.bin,
+  HP/hp_backbone/pytorch_model.bin and HP/hp_scorer/mlp_pytorch_model.bin.
 - LAION aesthetic predictor v2 (improved-aesthetic-predictor, "sac+logos+ava1-l14-linearMSE"): a
   five-layer MLP, without activations, on the L2-normalised CLIP ViT-L/14 image embedding,
   regressing the 1-10 human aesthetic rating. No text.
@@ -25,8 +28,18 @@ import torch
 from transformers import AutoImageProcessor, AutoProcessor, CLIPConfig
 
 from rewards.base import RewardBatch, RewardOutput
-from rewards.images import check_batch_size, clip_image_features, clip_max_text_tokens, clip_text_features, load_clip, to_pil, torch_dtype
+from rewards.images import (
+    check_batch_size,
+    clip_image_features,
+    clip_max_text_tokens,
+    clip_text_features,
+    load_clip,
+    read_state_dict,
+    to_pil,
+    torch_dtype,
+)
 
+ICTHP_BASE = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the CLIP both ICTHP models are fine-tuned from
 AESTHETIC_HEAD_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 # The released heads' layout: nn.Sequential indices of the Linear layers (the others are dropout).
 MLP_LINEARS = (0, 2, 4, 6, 7)
@@ -42,6 +55,7 @@ class CLIPScore:
         scale: Multiplies the score.
         device, dtype, batch_size: Where and how the model runs (scores in float32).
         name: The component name in RewardOutput.scores.
+        weights: a fine-tuned state dict loaded over `model` (see load_clip), e.g. ICT's.
 
     A sample without a prompt (empty or None) scores NaN: missing, never 0.
     """
@@ -57,13 +71,14 @@ class CLIPScore:
         dtype: str = "fp32",
         batch_size: int = 16,
         name: str = "clipscore",
+        weights: str | os.PathLike[str] | None = None,
     ):
         if weight <= 0:
             raise ValueError(f"clipscore weight must be > 0, got {weight}")
         self.device = torch.device(device)
         self.batch_size = check_batch_size(batch_size)
         self.weight, self.scale, self.clamp = weight, scale, clamp
-        self.model = load_clip(model, self.device, torch_dtype(dtype))
+        self.model = load_clip(model, self.device, torch_dtype(dtype), weights)
         self.processor = AutoProcessor.from_pretrained(model)
         self.max_text_tokens = clip_max_text_tokens(self.model, self.processor)
         self.components = (name,)
@@ -97,13 +112,7 @@ def load_mlp_head(path: str | os.PathLike[str], feature_size: int, *, what: str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} head {path} not found; {missing_hint}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return mlp_head(state, feature_size, what=f"{what} head {path}")
+    return mlp_head(read_state_dict(path, f"{what} head"), feature_size, what=f"{what} head {path}")
 
 
 def mlp_head(state: dict[str, torch.Tensor], feature_size: int, *, what: str) -> torch.nn.Sequential:
@@ -132,17 +141,18 @@ def mlp_head(state: dict[str, torch.Tensor], feature_size: int, *, what: str) ->
 
 
 class _CLIPImageHead:
-    """A score from an MLP head on the L2-normalised CLIP image embedding (no text)."""
+    """A score from an MLP head on the CLIP image embedding (L2-normalised where `normalize`; no text)."""
 
     what = "MLP"
     missing_hint = ""
 
-    def __init__(self, clip, head, *, scale: float, device: str, dtype: str, batch_size: int, name: str, sigmoid: bool):
+    def __init__(self, clip, head, *, scale: float, device: str, dtype: str, batch_size: int, name: str, sigmoid: bool,
+                 normalize: bool, weights: str | os.PathLike[str] | None = None):
         self.device = torch.device(device)
         self.batch_size = check_batch_size(batch_size)
-        self.scale, self.sigmoid = scale, sigmoid
+        self.scale, self.sigmoid, self.normalize = scale, sigmoid, normalize
         self.head = load_mlp_head(head, CLIPConfig.from_pretrained(clip).projection_dim, what=self.what, missing_hint=self.missing_hint).to(self.device)
-        self.model = load_clip(clip, self.device, torch_dtype(dtype))
+        self.model = load_clip(clip, self.device, torch_dtype(dtype), weights)
         self.processor = AutoImageProcessor.from_pretrained(clip)
         self.components = (name,)
 
@@ -151,7 +161,7 @@ class _CLIPImageHead:
         """The head's output per image (through a sigmoid where the score is a probability): [B] float64."""
         pil_images = to_pil(images)
         ratings = [
-            self.head(clip_image_features(self.model, self.processor, pil_images[start : start + self.batch_size], self.device))[:, 0]
+            self.head(clip_image_features(self.model, self.processor, pil_images[start : start + self.batch_size], self.device, normalize=self.normalize))[:, 0]
             for start in range(0, len(pil_images), self.batch_size)
         ]
         out = torch.cat(ratings) if ratings else torch.zeros(0)
@@ -188,42 +198,56 @@ class LaionAesthetic(_CLIPImageHead):
         batch_size: int = 16,
         name: str = "aesthetic",
     ):
-        super().__init__(clip, head, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name, sigmoid=False)
+        super().__init__(clip, head, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name, sigmoid=False, normalize=True)
 
 
 class HPScore(_CLIPImageHead):
     """HP, the High-Preference score of ICT/HP (Ba et al. 2025, arXiv 2507.19002; code BarretBa/ICTHP):
     sigmoid of an MLP head, in the aesthetic predictor's layout (its first layer as wide as the
-    embedding), on the normalised image embedding of a fine-tuned CLIP ViT-H-14 (1024 wide). No text.
+    embedding), on the projected image embedding of a fine-tuned CLIP ViT-H-14 (1024 wide), not
+    normalised: the release trains and scores the head on get_image_features as it comes. No text.
 
     Args:
-        clip: the HP model's CLIPModel checkpoint (transformers layout), from the ICTHP release.
-        head: the HP MLP's weights (.pth read with weights_only=True, or safetensors); keys may be
+        clip: the base CLIPModel checkpoint (transformers layout): laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+            or an HP backbone saved whole.
+        backbone: the release's HP/hp_backbone/pytorch_model.bin, loaded over `clip` (weights_only=True).
+        head: the release's HP/hp_scorer/mlp_pytorch_model.bin (or safetensors); keys may be
             prefixed (`mlp.layers.0.weight`).
         scale, device, dtype, batch_size, name: as the other CLIP workers'.
     """
 
     what = "HP"
-    missing_hint = "pass the HP MLP's weights from the ICTHP release (github.com/BarretBa/ICTHP) as head"
+    missing_hint = "pass the HP MLP's weights from the ICTHP release (github.com/BarretBa/ICTHP), HP/hp_scorer/mlp_pytorch_model.bin, as head"
 
     def __init__(
         self,
-        clip: str | os.PathLike[str],
+        clip: str | os.PathLike[str] = ICTHP_BASE,
         *,
         head: str | os.PathLike[str],
+        backbone: str | os.PathLike[str] | None = None,
         scale: float = 1.0,
         device: str = "cpu",
         dtype: str = "fp32",
         batch_size: int = 16,
         name: str = "hp",
     ):
-        super().__init__(clip, head, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name, sigmoid=True)
+        super().__init__(clip, head, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name,
+                         sigmoid=True, normalize=False, weights=backbone)
 
 
 def ict_score(
-    model: str | os.PathLike[str], *, scale: float = 1.0, device: str = "cpu", dtype: str = "fp32", batch_size: int = 16, name: str = "ict"
+    model: str | os.PathLike[str] = ICTHP_BASE,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    scale: float = 1.0,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batch_size: int = 16,
+    name: str = "ict",
 ) -> "CLIPScore":
     """ICT, the Image-Contained-Text score of ICT/HP (Ba et al. 2025, arXiv 2507.19002): the cosine
-    of a fine-tuned CLIP ViT-H-14's text and image embeddings, unclamped, times `scale`; `model`
-    is the ICT CLIPModel checkpoint (transformers layout) from the ICTHP release. NaN without a prompt."""
-    return CLIPScore(model, weight=1.0, clamp=False, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name)
+    of a fine-tuned CLIP ViT-H-14's text and image embeddings, unclamped, times `scale`. `model` is
+    the base CLIPModel (laion/CLIP-ViT-H-14-laion2B-s32B-b79K) and `weights` the release's
+    ICT/pytorch_model.bin loaded over it (or `model` an ICT CLIPModel saved whole, weights None).
+    NaN without a prompt."""
+    return CLIPScore(model, weight=1.0, clamp=False, scale=scale, device=device, dtype=dtype, batch_size=batch_size, name=name, weights=weights)

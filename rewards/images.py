@@ -4,6 +4,7 @@ image features (PickScore, the CLIP-probe detector, the FIRM judges)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,9 +71,38 @@ def projected(features: torch.Tensor | ModelOutput) -> torch.Tensor:
     return features.pooler_output
 
 
-def load_clip(path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype) -> CLIPModel:
-    """A frozen CLIPModel in eval mode on device."""
+def read_state_dict(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a .pth / .bin read with weights_only=True (no
+    pickled code runs); a missing file fails naming `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_clip(path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype, weights: str | os.PathLike[str] | None = None) -> CLIPModel:
+    """A frozen CLIPModel in eval mode on device; with `weights`, a fine-tuned state dict (a
+    release's pytorch_model.bin, read with weights_only=True, or safetensors) loaded over it.
+    Every key must match (buffers such as position_ids aside): a fine-tune that silently left a
+    layer at the base weights would score with the wrong model."""
     model = CLIPModel.from_pretrained(path, dtype=dtype)
+    if weights is not None:
+        state = read_state_dict(weights, "CLIP weights")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.endswith("position_ids")]
+        unexpected = [key for key in unexpected if not key.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(
+                f"CLIP weights {weights} do not fit the CLIPModel {path}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                "is `model` / `clip` the base the weights were fine-tuned from?"
+            )
     return model.to(device).eval().requires_grad_(False)
 
 

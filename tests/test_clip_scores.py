@@ -134,19 +134,60 @@ def test_ict_is_the_plain_cosine_and_missing_without_a_prompt(clip):
     assert np.isnan(out.scores["ict"][2])
 
 
-def test_hp_is_the_sigmoid_of_the_mlp_on_the_image_embedding_with_a_prefixed_head(clip, tmp_path):
-    """HP's head is saved inside its model (keys `mlp.layers.N`), as wide as its embedding."""
+def fine_tuned(clip_dir, path, seed: int) -> dict[str, torch.Tensor]:
+    """A "fine-tune" of the tiny CLIP saved as a release's pytorch_model.bin: every weight moved."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: value + 0.05 * torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+             for key, value in CLIPModel.from_pretrained(clip_dir).state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+def raw_image_embeddings(clip_dir, state: dict[str, torch.Tensor], pictures: np.ndarray) -> np.ndarray:
+    """The projected image embedding as get_image_features returns it, not normalised: [B, D]."""
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    model.load_state_dict(state)
+    pixels = AutoProcessor.from_pretrained(clip_dir)(images=list(pictures), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=pixels).pooler_output
+        return model.visual_projection(pooled).double().numpy()
+
+
+def test_ict_loads_the_released_state_dict_over_its_base(clip, tmp_path):
+    state = fine_tuned(clip, tmp_path / "pytorch_model.bin", seed=4)
+    pictures = images(3, seed=10)
+    prompts = ["a red cat", "two birds", "city at night"]
+    out = build_worker("ict", {"model": str(clip), "weights": str(tmp_path / "pytorch_model.bin")})(RewardBatch(images=pictures, prompts=prompts))
+    model = CLIPModel.from_pretrained(clip).eval()
+    model.load_state_dict(state)
+    inputs = AutoProcessor.from_pretrained(clip)(text=prompts, images=list(pictures), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        both = model(**inputs)
+    cosines = (both.text_embeds * both.image_embeds).sum(-1).double().numpy()
+    np.testing.assert_allclose(out.scores["ict"], cosines, rtol=1e-4, atol=1e-6)
+    base = build_worker("ict", {"model": str(clip)}).cosines(pictures, prompts)
+    assert np.abs(base - cosines).max() > 1e-3  # the fine-tune is what scores
+    torch.save({"text_projection.weight": state["text_projection.weight"]}, tmp_path / "partial.bin")
+    with pytest.raises(ValueError, match="do not fit the CLIPModel"):
+        build_worker("ict", {"model": str(clip), "weights": str(tmp_path / "partial.bin")})
+
+
+def test_hp_is_the_sigmoid_of_the_mlp_on_the_raw_image_embedding_of_its_backbone(clip, tmp_path):
+    """The release's HP: a backbone state dict over the base CLIP and the scorer MLP on its
+    projected image embedding as it comes (not normalised), keys as saved inside the model."""
     generator = torch.Generator().manual_seed(3)
     widths = [24, 24, 128, 64, 16, 1]
-    state = {}
+    head = {}
     for index, (a, b) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:])):
-        state[f"mlp.layers.{index}.weight"] = torch.randn(b, a, generator=generator) / a**0.5
-        state[f"mlp.layers.{index}.bias"] = torch.randn(b, generator=generator) * 0.1
-    torch.save(state, tmp_path / "hp.pth")
+        head[f"mlp.layers.{index}.weight"] = torch.randn(b, a, generator=generator) / a**0.5
+        head[f"mlp.layers.{index}.bias"] = torch.randn(b, generator=generator) * 0.1
+    torch.save(head, tmp_path / "mlp_pytorch_model.bin")
+    backbone = fine_tuned(clip, tmp_path / "pytorch_model.bin", seed=5)
     pictures = images(5, seed=9)
-    _, image = embeddings(clip, pictures, ["x"] * 5)
-    logits = image
+    logits = raw_image_embeddings(clip, backbone, pictures)
+    assert np.abs(np.linalg.norm(logits, axis=1) - 1).max() > 0.1  # not unit vectors: normalising would change the score
     for index in (0, 2, 4, 6, 7):
-        logits = logits @ state[f"mlp.layers.{index}.weight"].double().numpy().T + state[f"mlp.layers.{index}.bias"].double().numpy()
-    out = build_worker("hp", {"clip": str(clip), "head": str(tmp_path / "hp.pth"), "batch_size": 2})(RewardBatch(images=pictures, prompts=[""] * 5))
+        logits = logits @ head[f"mlp.layers.{index}.weight"].double().numpy().T + head[f"mlp.layers.{index}.bias"].double().numpy()
+    params = {"clip": str(clip), "backbone": str(tmp_path / "pytorch_model.bin"), "head": str(tmp_path / "mlp_pytorch_model.bin"), "batch_size": 2}
+    out = build_worker("hp", params)(RewardBatch(images=pictures, prompts=[""] * 5))
     np.testing.assert_allclose(out.scores["hp"], 1 / (1 + np.exp(-logits[:, 0])), rtol=1e-4, atol=1e-6)
