@@ -98,13 +98,15 @@ def lora_disabled(network: torch.nn.Module, layers: list[torch.nn.Module] | None
     if layers and not hasattr(layers[0], "_disable_adapters"):
         raise RuntimeError("this peft version keeps no _disable_adapters flag on its tuner layers; pin peft to a version that does")
     previous = [layer._disable_adapters for layer in layers]
+    # A plain instance attribute: written to the instance dict directly, past nn.Module's
+    # __setattr__ (which checks for parameters, buffers and modules on every write).
     for layer in layers:
-        layer._disable_adapters = True
+        layer.__dict__["_disable_adapters"] = True
     try:
         yield
     finally:
         for layer, value in zip(layers, previous):
-            layer._disable_adapters = value
+            layer.__dict__["_disable_adapters"] = value
 
 
 def draw_noise(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models.base import draw_noise
 from rl.sde import SDEStep, flow_sde_step, ode_step
 
 
@@ -63,17 +64,21 @@ def transition(
     *,
     prev_sample: torch.Tensor | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
     network=None,
+    log_prob: bool = True,
 ) -> SDEStep:
     """One stochastic step of the policy. Sampling and training both call this, with the same
     batch shapes, so that the first inner step is exactly on-policy. The sigmas are the
     schedule's values as Python numbers (the step's math then needs no tensor op of its own) or
-    tensors."""
+    tensors. log_prob=False skips the log-probability (None in the step): a reference's
+    transition needs only its mean and velocity."""
     velocity = policy.velocity(latents, _batch_sigma(sigma, latents), cond, guidance_scale, network=network)
     step = flow_sde_step(
         velocity, latents, sigma, sigma_next,
-        noise_level=sde.noise_level, sigma_max=sigma_max, prev_sample=prev_sample,
-        generator=list(generators) if generators is not None else None, dynamics=sde.dynamics,
+        noise_level=sde.noise_level, sigma_max=sigma_max, prev_sample=prev_sample, noise=noise,
+        generator=list(generators) if generators is not None and noise is None else None, dynamics=sde.dynamics,
+        with_log_prob=log_prob,
     )
     return step._replace(velocity=velocity)
 
@@ -125,6 +130,7 @@ def rollout(
     sigmas = policy.sigmas(num_steps, size).to(policy.device)
     values = sigmas.tolist()  # the step math takes numbers: read once, not once per step
     sde_set = set(int(i) for i in sde_steps)
+    sde_order = {i: k for k, i in enumerate(sorted(sde_set))}  # step -> its slot in the batch's noise
     step_indices = sorted(sde_set) if keep_steps else []
     out_latents, out_next, out_logp, out_means, out_final, out_images = [], [], [], [], [], []
     count = int(sample_ids.shape[0])
@@ -140,9 +146,14 @@ def rollout(
         else:
             x = policy.initial_noise(generators, size, batch_cond)
         before, after, logps, means = [], [], [], []
+        # Every stochastic step's noise in one draw per sample, [B, steps, ...]: each sample's
+        # generator gives the same numbers it would give step by step (torch's CPU normal fills
+        # blocks of 16 values; every latent here is a multiple of 16), one call instead of one
+        # per step and sample.
+        noise = draw_noise((len(ids), len(sde_order), *x.shape[1:]), generators, device=x.device) if sde_order else None
         for i in range(num_steps):
             if i in sde_set:
-                step = transition(policy, x, values[i], values[i + 1], values[1], batch_cond, guidance_scale, sde, generators=generators)
+                step = transition(policy, x, values[i], values[i + 1], values[1], batch_cond, guidance_scale, sde, noise=noise[:, sde_order[i]])
                 if keep_steps:
                     before.append(x)
                     after.append(step.prev_sample)

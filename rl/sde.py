@@ -22,7 +22,7 @@ DYNAMICS = ("flow_sde", "dance_sde", "cps")
 
 class SDEStep(NamedTuple):
     prev_sample: torch.Tensor  # [B, ...] the next (less noisy) sample, float32
-    log_prob: torch.Tensor  # [B] mean Gaussian log-density of prev_sample per element
+    log_prob: torch.Tensor | None  # [B] mean Gaussian log-density of prev_sample per element; None when not asked for
     mean: torch.Tensor  # [B, ...] mean of the transition
     std: torch.Tensor | float  # [B, 1, ...] standard deviation of the transition (broadcastable); a number when the sigmas are
     velocity: torch.Tensor | None = None  # [B, ...] the (guided) velocity the step took, where the caller keeps it
@@ -114,6 +114,7 @@ def flow_sde_step(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     noise: torch.Tensor | None = None,
     dynamics: str = "flow_sde",
+    with_log_prob: bool = True,
 ) -> SDEStep:
     """One stochastic reverse step and the log-probability of its outcome.
 
@@ -123,7 +124,8 @@ def flow_sde_step(
     sigma_1. prev_sample: when given, no noise is drawn and the log-prob of this sample is
     returned (this is how the trainer recomputes log-probs). Otherwise noise is drawn from
     `generator` (one generator, or one per sample so draws do not depend on the batch they are
-    in), or taken from `noise`. The step's std is a number when the sigmas are.
+    in), or taken from `noise`. The step's std is a number when the sigmas are. with_log_prob=False
+    leaves the log-prob out (None).
 
     All math runs in float32 whatever the model dtype (coefficients of numbers in float64): the
     log-ratio exp(logp_new - logp_old) must be exactly 1 on-policy, and bf16 rounding of latents
@@ -150,7 +152,7 @@ def flow_sde_step(
         prev_sample = mean + std * noise.float()
     else:
         prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    log_prob = gaussian_log_prob(prev_sample, mean, std) if with_log_prob else None
     return SDEStep(prev_sample, log_prob, mean, std)
 
 

@@ -147,13 +147,17 @@ def swapped_weights(params: list[torch.nn.Parameter], values: list[torch.Tensor]
             torch._foreach_copy_(params, kept)
 
 
-def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor:
-    """Indices of the trained samples among rows first..first+size: samples of dropped groups
-    (zero advantage, zero weight) add nothing to the loss, so their forward and backward passes
-    are skipped. With none trained, row `first` alone (weight 0) still runs, so every rank makes
-    the same backward calls (DDP and gradient accumulation count them)."""
+def _trained_rows(trained: torch.Tensor, first: int, size: int) -> torch.Tensor | slice:
+    """The trained samples among rows first..first+size: samples of dropped groups (zero
+    advantage, zero weight) add nothing to the loss, so their forward and backward passes are
+    skipped. With none trained, row `first` alone (weight 0) still runs, so every rank makes the
+    same backward calls (DDP and gradient accumulation count them). A run of consecutive rows is
+    a slice (indexing with it is a view, not a copy), any other choice an index tensor."""
     index = torch.nonzero(trained[first : first + size]).flatten() + first
-    return index if index.numel() else torch.tensor([first])
+    if not index.numel():
+        return slice(first, first + 1)
+    low, high = int(index[0]), int(index[-1]) + 1
+    return slice(low, high) if high - low == index.numel() else index
 
 
 class Trainer:
@@ -628,7 +632,9 @@ class Trainer:
         ref = None
         if config.train.beta > 0:
             with torch.no_grad(), self.policy.reference() as reference:
-                ref = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde, prev_sample=next_latents, network=reference)
+                # The reference's mean and velocity only: its log-prob is never used.
+                ref = transition(self.policy, latents, sigma, sigma_next, sigmas[1], cond, guidance, self.sde,
+                                 prev_sample=next_latents, network=reference, log_prob=False)
         kl = {}
         if ref is not None and config.train.kl == "velocity":
             kl = {"velocity": step.velocity, "ref_velocity": ref.velocity}

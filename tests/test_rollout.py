@@ -148,6 +148,28 @@ def test_recorded_log_probs_are_the_transition_density_and_on_policy(policy):
             torch.testing.assert_close(out.log_probs[batch, t].double(), independent, rtol=0, atol=1e-4)
 
 
+def test_sde_noise_is_each_samples_generator_after_its_initial_noise_step_by_step(policy):
+    """The documented noise stream: sample i's generator (seed, epoch, id) draws its initial noise,
+    then one standard normal latent per stochastic step in order; the rollout draws them all at
+    once and must give exactly these numbers."""
+    cond = policy.encode(PROMPTS)
+    rows, ids, batch_size = [0, 1, 2, 1], [4, 5, 6, 7], 2
+    out = run(policy, cond, rows, ids, num_steps=4, sde_steps=[0, 2], batch_size=batch_size, seed=3, epoch=2)
+    generators = [torch.Generator().manual_seed(sample_seed(3, 2, i)) for i in ids]
+    initial = torch.stack([torch.randn(LATENT_SHAPE, generator=g) for g in generators])
+    per_step = [torch.stack([torch.randn(LATENT_SHAPE, generator=g) for g in generators]) for _ in out.step_indices]
+    torch.testing.assert_close(out.latents[:, 0], initial, rtol=0, atol=0)
+    sigmas = out.sigmas.tolist()
+    for start in range(0, len(out), batch_size):
+        batch = slice(start, start + batch_size)
+        batch_cond = cond.take(out.prompt_rows[batch])
+        for t, step in enumerate(out.step_indices):
+            with torch.no_grad():
+                again = transition(policy, out.latents[batch, t], sigmas[step], sigmas[step + 1], sigmas[1], batch_cond,
+                                   GUIDANCE, SDE, noise=per_step[t][batch])
+            assert torch.equal(again.prev_sample, out.next_latents[batch, t]), (start, step)
+
+
 def test_sample_does_not_depend_on_batch_composition_or_size(policy):
     cond = policy.encode(PROMPTS)
     # Sample 10 (prompt row 0) drawn with one companion, and with three other companions in a

@@ -296,3 +296,16 @@ def test_grad_coherence_bench_reports_per_target(tiny_sd3, tmp_path):
     kinds = report["per_kind"]
     assert "attn.to_q.lora_B" in kinds and all(-1.0 <= v <= 1.0 for v in kinds.values())
     assert not any("lora_A" in k for k in kinds), "LoRA A matrices have no gradient at initialisation"
+
+
+def test_trained_rows_are_a_view_when_consecutive_and_an_index_otherwise():
+    from rl.train import _trained_rows
+
+    trained = torch.tensor([True, True, False, True, False, False, True, True])
+    data = torch.arange(8) * 10
+    assert _trained_rows(trained, 0, 2) == slice(0, 2)
+    assert _trained_rows(trained, 4, 2) == slice(4, 5)  # none trained: row `first` alone, weight 0
+    assert _trained_rows(trained, 6, 4) == slice(6, 8)  # the last batch may be short
+    rows = _trained_rows(trained, 0, 4)
+    assert isinstance(rows, torch.Tensor) and data[rows].tolist() == [0, 10, 30]
+    assert data[_trained_rows(trained, 2, 2)].tolist() == [30]
