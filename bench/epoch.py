@@ -1,9 +1,9 @@
 """Throughput of one epoch per training objective on a fixed tiny SD3 configuration, and the
 share of the epoch that is not a model pass.
 
-    python bench/epoch.py [--objectives grpo nft awm] [--epochs 3] [--warmup 1] [--dtype fp32|bf16]
+    python bench/epoch.py [--objectives grpo nft awm] [--epochs 3] [--warmup 1] [--dtype fp32|bf16] [--resolution 128]
 
-128 px, 10 sampling steps, CFG 4.5 (grpo's rollouts; nft and awm sample and train CFG-free, as
+128 px (--resolution), 10 sampling steps, CFG 4.5 (grpo's rollouts; nft and awm sample and train CFG-free, as
 published), 4 prompts x group size 8, LoRA rank 4, KL to the reference on (grpo 0.04, nft 1e-4,
 awm 1e-3 plus its EMA), trained steps: grpo 9 SDE steps, nft 9 forward-process timesteps, awm 6.
 For each objective it prints the time split (rollout, reward, advantages, train), images/s,
@@ -95,7 +95,7 @@ def measure(objective: str, args, tmp: str) -> dict:
         "model.max_sequence_length=32",
         f"model.dtype={args.dtype}", "model.lora.rank=4", "model.lora.alpha=4",
         f"data.train_prompts={ROOT}/configs/prompts/tiny.txt", "data.eval_prompts=null",
-        "sample.resolution=128", "sample.num_steps=10",
+        f"sample.resolution={args.resolution}", "sample.num_steps=10",
         "sample.num_groups=4", "sample.group_size=8", "sample.batch_size=8",
         "train.batch_size=8", "train.num_minibatches=2", "train.ema=false",
         "log.wandb_mode=disabled", "log.image_every=0", "log.save_every=0", "log.progress=false",
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--resolution", type=int, default=128, help="image side in pixels (a multiple of 16)")
     args = parser.parse_args()
 
     results = []
@@ -175,7 +176,7 @@ def main() -> None:
             print(f"{objective}: one reference switch {1e3 * r['switch_s']['trustgrpo']:.3f} ms "
                   f"(diffusers' disable_adapters + enable_adapters: {1e3 * r['switch_s']['diffusers']:.3f} ms)", flush=True)
     out = {
-        "config": {"resolution": 128, "num_steps": 10, "prompts": 4, "group_size": 8, "lora_rank": 4, "dtype": args.dtype},
+        "config": {"resolution": args.resolution, "num_steps": 10, "prompts": 4, "group_size": 8, "lora_rank": 4, "dtype": args.dtype},
         "objectives": results, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print(json.dumps(out))
