@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from judge_support import JudgeServer, Reference, launch_judge_server, wait_until_up
-from models.fixtures.vlm_judge import build_tiny_qwen3_vl
+from models.fixtures.vlm_judge import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
 from rewards import WORKERS, build_worker
 from rewards.base import RewardBatch
 from rewards.judges.backends import JudgeRequest, TransformersJudge, register_image_only_processor
@@ -208,12 +208,7 @@ def judge_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(judge_dir: Path) -> Reference:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    register_image_only_processor()
-    processor = AutoProcessor.from_pretrained(judge_dir)
-    model = AutoModelForImageTextToText.from_pretrained(judge_dir, dtype=torch.float32).eval()
-    return Reference(model, processor)
+    return load_reference(judge_dir)
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +225,22 @@ def edit_batch() -> RewardBatch:
     return RewardBatch(images=edited, prompts=[""] * 2, source_images=sources, instructions=list(INSTRUCTIONS))
 
 
-def test_transformers_digit_probabilities_match_the_model_whatever_the_batch(judge_dir, reference, gen_batch) -> None:
+def load_reference(model_dir: Path) -> Reference:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    register_image_only_processor()
+    return Reference(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(model_dir))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_transformers_digit_probabilities_match_the_model_whatever_the_batch(judge_dir, reference, gen_batch, family, tmp_path) -> None:
     """The distribution mode's prefills are replies cut at a score: each row's digit
-    probabilities equal the model's own for that sequence, left padded in batches of any size."""
+    probabilities equal the model's own for that sequence, left padded in batches of any size.
+    Qwen2.5-VL is the family of the UnifiedReward, EditScore and VIEScore defaults."""
+    if family == "qwen2_5_vl":
+        judge_dir = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen2.5-vl", seed=1)
+        reference = load_reference(judge_dir)
+        assert type(reference.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     prefills = ['{"score": [', '{"score" : [7, ', "cube (object): 1\nFinal Score: ", '{"reasoning": "ok", "score": [2']
     images = [gen_batch.images[i % 3] for i in range(len(prefills))]
     requests = [JudgeRequest((Image.fromarray(image),), f"Grade it for {PROMPTS[i % 3]}", prefill) for i, (image, prefill) in enumerate(zip(images, prefills))]

@@ -22,7 +22,15 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Qwen3VLConfig, Qwen3VLProcessor
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+)
 
 from rewards.codec import encode_image
 from rewards.images import check_batch_size, torch_dtype
@@ -30,6 +38,7 @@ from rewards.judges.parse import DIGITS, ScoreDistribution, digit_probs_from_log
 
 __all__ = [
     "DigitProbs",
+    "ImageOnlyQwen2_5_VLProcessor",
     "ImageOnlyQwen3VLProcessor",
     "JudgeRequest",
     "OpenAIJudge",
@@ -71,7 +80,7 @@ class DigitProbs:
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
     """Qwen3VLProcessor without a video processor.
 
-    transformers builds Qwen3-VL's video processor on torchvision, so without torchvision the
+    transformers builds Qwen-VL video processors on torchvision, so without torchvision the
     stock processor cannot be built or loaded. Judges never see videos; this subclass drops
     that sub-processor (ProcessorMixin derives its sub-processors from the __init__ signature)
     and uses the PIL image processor.
@@ -79,6 +88,22 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without a video processor, as ImageOnlyQwen3VLProcessor: the judges
+    built on Qwen2.5-VL (UnifiedReward-qwen, EditScore, VIEScore with Qwen2.5-VL) load without
+    torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+# model_type -> (config class, image-only processor) for the judge families handled without torchvision.
+_IMAGE_ONLY = {
+    "qwen3_vl": (Qwen3VLConfig, ImageOnlyQwen3VLProcessor),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor),
+}
 
 
 _registration_lock = threading.Lock()
@@ -89,7 +114,7 @@ def _torchvision_available() -> bool:
 
 
 def register_image_only_processor() -> None:
-    """Map Qwen3VLConfig to ImageOnlyQwen3VLProcessor in AutoProcessor when torchvision is absent.
+    """Map the Qwen-VL configs to their image-only processors in AutoProcessor when torchvision is absent.
 
     The registry is per process, so every process that loads a judge calls this (loading does).
     Without it AutoProcessor returns a bare tokenizer for checkpoints saved with the subclass, and
@@ -99,20 +124,21 @@ def register_image_only_processor() -> None:
     if _torchvision_available():
         return
     with _registration_lock:
-        AutoProcessor.register(Qwen3VLConfig, ImageOnlyQwen3VLProcessor, exist_ok=True)
+        for config_class, processor_class in _IMAGE_ONLY.values():
+            AutoProcessor.register(config_class, processor_class, exist_ok=True)
 
 
 def load_judge_processor(model: str | os.PathLike[str]) -> Any:
-    """The judge's processor, loadable without torchvision for Qwen3-VL checkpoints.
+    """The judge's processor, loadable without torchvision for Qwen3-VL and Qwen2.5-VL checkpoints.
 
-    A real Qwen3-VL checkpoint names "Qwen3VLProcessor" in its config, which AutoProcessor then
-    builds as named (video processor included) whatever is registered; so for Qwen3-VL without
-    torchvision the subclass is loaded directly.
+    A real checkpoint names its processor class ("Qwen3VLProcessor") in its config, which
+    AutoProcessor then builds as named (video processor included) whatever is registered; so for
+    these families without torchvision the image-only subclass is loaded directly.
     """
     register_image_only_processor()
     model_type = AutoConfig.from_pretrained(model).model_type
-    if model_type == "qwen3_vl" and not _torchvision_available():
-        processor = ImageOnlyQwen3VLProcessor.from_pretrained(model)
+    if model_type in _IMAGE_ONLY and not _torchvision_available():
+        processor = _IMAGE_ONLY[model_type][1].from_pretrained(model)
     else:
         processor = AutoProcessor.from_pretrained(model)
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
