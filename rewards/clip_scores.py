@@ -35,6 +35,7 @@ from rewards.images import (
     clip_text_features,
     load_clip,
     read_state_dict,
+    score_prompted_pairs,
     to_pil,
     torch_dtype,
 )
@@ -86,17 +87,13 @@ class CLIPScore:
     @torch.inference_mode()
     def cosines(self, images: np.ndarray, prompts: list[str | None]) -> np.ndarray:
         """cos(text, image) of each pair: [B] float64, NaN where the prompt is missing."""
-        if len(images) != len(prompts):
-            raise ValueError(f"CLIPScore needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
-        out = np.full(len(prompts), np.nan)
-        present = [i for i, prompt in enumerate(prompts) if prompt]
-        pil_images = to_pil(images)
-        for start in range(0, len(present), self.batch_size):
-            rows = present[start : start + self.batch_size]
-            image_embeds = clip_image_features(self.model, self.processor, [pil_images[i] for i in rows], self.device)
-            text_embeds = clip_text_features(self.model, self.processor, [prompts[i] for i in rows], self.device, self.max_text_tokens)
-            out[rows] = (text_embeds * image_embeds).sum(dim=-1).cpu().numpy()
-        return out
+
+        def cosine(pil_images: list, texts: list[str]) -> torch.Tensor:
+            image_embeds = clip_image_features(self.model, self.processor, pil_images, self.device)
+            text_embeds = clip_text_features(self.model, self.processor, texts, self.device, self.max_text_tokens)
+            return (text_embeds * image_embeds).sum(dim=-1)
+
+        return score_prompted_pairs(images, prompts, self.batch_size, cosine, "CLIPScore")
 
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         cosines = self.cosines(batch.images, list(batch.prompts))

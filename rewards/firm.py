@@ -64,7 +64,7 @@ from rewards.judges.parse import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FirmEdit", "FirmGen", "JudgeSettings", "JudgeWorker", "load_template"]
+__all__ = ["FirmEdit", "FirmGen", "JudgeComponent", "JudgeSettings", "JudgeWorker", "defined_mean", "load_template", "put_defined"]
 
 # One prefill per quality sub-score, in the form of the backends' SCORE_PREFILL: the judge's next
 # token is that sub-score's digit.
@@ -111,7 +111,7 @@ def _log_failures(worker: str, component: str, replies: list[str], failed: np.nd
 
 
 @dataclass
-class _Component:
+class JudgeComponent:
     """One component's per-sample results."""
 
     scores: np.ndarray  # [B] raw 1..5, NaN = no score
@@ -222,7 +222,7 @@ class JudgeWorker:
         masses = np.array([d.digit_mass for d in distributions], dtype=np.float64)
         return probs, masses, [d.reply for d in distributions]
 
-    def _output(self, results: dict[str, _Component], extras: dict[str, float]) -> RewardOutput:
+    def _output(self, results: dict[str, JudgeComponent], extras: dict[str, float]) -> RewardOutput:
         output = RewardOutput(scores={}, extras=dict(extras))
         for component, result in results.items():
             failed = np.isnan(result.scores)
@@ -236,14 +236,14 @@ class JudgeWorker:
         return output
 
 
-def _nanmean(values: np.ndarray) -> float | None:
+def defined_mean(values: np.ndarray) -> float | None:
     """Mean over the defined values; None (not logged) when there are none, so a NaN never
     reaches the averaged extras."""
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if len(finite) else None
 
 
-def _put(extras: dict[str, float], key: str, value: float | None) -> None:
+def put_defined(extras: dict[str, float], key: str, value: float | None) -> None:
     if value is not None:
         extras[key] = value
 
@@ -294,24 +294,24 @@ class FirmGen(JudgeWorker):
             # the openai backend keeps `concurrency` requests in flight across both components.
             probs, masses, replies = self._stacked(self.backend.distributions(instruction + quality))
             mean, variance = score_moments(probs[:count])
-            instruction_result = _Component(mean, variance, replies[:count])
+            instruction_result = JudgeComponent(mean, variance, replies[:count])
             sub_probs = [probs[count * (k + 1) : count * (k + 2)] for k in range(len(QUALITY_KEYS))]
             sub_means = np.stack([score_moments(p)[0] for p in sub_probs], axis=1)  # [B, 3]
             quality_mean, quality_variance = score_moments(min_distribution(sub_probs))
             quality_replies = [" | ".join(replies[count * (k + 1) + i] for k in range(len(QUALITY_KEYS))) for i in range(count)]
-            quality_result = _Component(quality_mean, quality_variance, quality_replies)
-            _put(extras, "instruction/digit_mass_mean", _nanmean(masses[:count]))
-            _put(extras, "quality/digit_mass_mean", _nanmean(masses[count:]))
+            quality_result = JudgeComponent(quality_mean, quality_variance, quality_replies)
+            put_defined(extras, "instruction/digit_mass_mean", defined_mean(masses[:count]))
+            put_defined(extras, "quality/digit_mass_mean", defined_mean(masses[count:]))
         else:
             quality = [JudgeRequest((image,), self.quality_prompt) for image in images]
             replies = self.backend.generate(instruction + quality, self.max_new_tokens)
             scores = np.array([parse_score(reply) for reply in replies[:count]], dtype=np.float64)
-            instruction_result = _Component(scores, None, replies[:count])
+            instruction_result = JudgeComponent(scores, None, replies[:count])
             sub_means = np.array([parse_scores(reply) for reply in replies[count:]], dtype=np.float64).reshape(count, len(QUALITY_KEYS))
             # A missing sub-score leaves the min undefined: NaN, not the min of the others.
-            quality_result = _Component(sub_means.min(axis=1), None, replies[count:])
+            quality_result = JudgeComponent(sub_means.min(axis=1), None, replies[count:])
         for k, key in enumerate(QUALITY_KEYS):
-            _put(extras, f"quality/{key}_mean", _nanmean(sub_means[:, k]))
+            put_defined(extras, f"quality/{key}_mean", defined_mean(sub_means[:, k]))
         return self._output({"instruction": instruction_result, "quality": quality_result}, extras)
 
 
@@ -359,18 +359,18 @@ class FirmEdit(JudgeWorker):
             for component, template in (("execution", self.execution_template), ("consistency", self.consistency_template))
         }
         extras: dict[str, float] = {}
-        results: dict[str, _Component] = {}
+        results: dict[str, JudgeComponent] = {}
         both = requests["execution"] + requests["consistency"]
         if self.scoring == "distribution":
             probs, masses, replies = self._stacked(self.backend.distributions(both))
             for index, component in enumerate(self.components):
                 part = slice(index * count, (index + 1) * count)
                 mean, variance = score_moments(probs[part])
-                results[component] = _Component(mean, variance, replies[part])
-                _put(extras, f"{component}/digit_mass_mean", _nanmean(masses[part]))
+                results[component] = JudgeComponent(mean, variance, replies[part])
+                put_defined(extras, f"{component}/digit_mass_mean", defined_mean(masses[part]))
         else:
             replies = self.backend.generate(both, self.max_new_tokens)
             for index, component in enumerate(self.components):
                 part = replies[index * count : (index + 1) * count]
-                results[component] = _Component(np.array([parse_score(reply) for reply in part], dtype=np.float64), None, part)
+                results[component] = JudgeComponent(np.array([parse_score(reply) for reply in part], dtype=np.float64), None, part)
         return self._output(results, extras)

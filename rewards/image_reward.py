@@ -40,7 +40,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from rewards.base import RewardBatch, RewardOutput
 from rewards.clip_scores import mlp_head
-from rewards.images import check_batch_size, to_pil, torch_dtype
+from rewards.images import check_batch_size, score_prompted_pairs, torch_dtype
 
 __all__ = ["IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "ImageReward", "convert_blip_state"]
 
@@ -215,25 +215,20 @@ class ImageReward:
     @torch.inference_mode()
     def raw_scores(self, images: np.ndarray, prompts: list[str | None]) -> np.ndarray:
         """The standardised ImageReward of each pair: [B] float64, NaN where the prompt is missing."""
-        if len(images) != len(prompts):
-            raise ValueError(f"ImageReward needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
-        out = np.full(len(prompts), np.nan)
-        present = [i for i, prompt in enumerate(prompts) if prompt]
-        pil_images = to_pil(images)
-        for start in range(0, len(present), self.batch_size):
-            rows = present[start : start + self.batch_size]
-            pixels = self.processor(images=[pil_images[i] for i in rows], return_tensors="pt")["pixel_values"]
-            image_tokens = self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).last_hidden_state
-            text = self.tokenizer([prompts[i] for i in rows], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-            hidden = self.text(
-                input_ids=text["input_ids"].to(self.device),
-                attention_mask=text["attention_mask"].to(self.device),
-                encoder_hidden_states=image_tokens,
-                encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device),
-            ).last_hidden_state
-            rewards = self.head(hidden[:, 0].float())[:, 0]
-            out[rows] = ((rewards - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD).cpu().numpy()
-        return out
+        return score_prompted_pairs(images, prompts, self.batch_size, self._rewards, "ImageReward")
+
+    def _rewards(self, pil_images: list, prompts: list[str]) -> torch.Tensor:
+        pixels = self.processor(images=pil_images, return_tensors="pt")["pixel_values"]
+        image_tokens = self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).last_hidden_state
+        text = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        hidden = self.text(
+            input_ids=text["input_ids"].to(self.device),
+            attention_mask=text["attention_mask"].to(self.device),
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device),
+        ).last_hidden_state
+        rewards = self.head(hidden[:, 0].float())[:, 0]
+        return (rewards - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
 
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         raw = self.raw_scores(batch.images, list(batch.prompts))

@@ -4,6 +4,7 @@ image features (PickScore, the CLIP-probe detector, the FIRM judges)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,26 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"reward images must be a uint8 [B, H, W, 3] array, got {images.dtype} {images.shape}")
     return [Image.fromarray(image) for image in images]
+
+
+def score_prompted_pairs(
+    images: np.ndarray,
+    prompts: list[str | None],
+    batch_size: int,
+    score: Callable[[list[Image.Image], list[str]], torch.Tensor],
+    what: str,
+) -> np.ndarray:
+    """score(images, prompts) -> [n] over the pairs that have a prompt, batch_size at a time:
+    [B] float64, NaN where the prompt is missing (empty or None), never 0."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{what} needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+    out = np.full(len(prompts), np.nan)
+    present = [i for i, prompt in enumerate(prompts) if prompt]
+    pil_images = to_pil(images)
+    for start in range(0, len(present), batch_size):
+        rows = present[start : start + batch_size]
+        out[rows] = score([pil_images[i] for i in rows], [prompts[i] for i in rows]).float().cpu().numpy()
+    return out
 
 
 def fit_image(image: np.ndarray, max_side: int) -> Image.Image:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from rewards.base import RewardBatch, RewardOutput
-from rewards.firm import JudgeSettings, JudgeWorker, _Component, _nanmean, _put
+from rewards.firm import JudgeComponent, JudgeSettings, JudgeWorker, defined_mean, put_defined
 from rewards.judges.backends import JudgeRequest
 from rewards.judges.parse import number_distribution
 from rewards.judges.rubric import Discrete, Rubric, SlotReading, load_rubric, read_slots, reduce_discrete, reduce_values
@@ -134,7 +134,7 @@ class RubricJudge(JudgeWorker):
         if self.scoring == "distribution":
             slot_dists, masses = self._distributions(asked)
             for question, mass in masses.items():
-                _put(extras, f"{question}/digit_mass_mean", _nanmean(mass))
+                put_defined(extras, f"{question}/digit_mass_mean", defined_mean(mass))
             slot_values = {slot: np.array([d.moments()[0] for d in dists]) for slot, dists in slot_dists.items()}
         else:
             for entry in asked:
@@ -142,11 +142,11 @@ class RubricJudge(JudgeWorker):
                     raw = np.array([readings[index].value for readings in entry.readings], dtype=np.float64)
                     slot_values[slot.name] = np.asarray(self.rubric.report(raw), dtype=np.float64)
         for slot, values in slot_values.items():
-            _put(extras, f"{slot}_mean", _nanmean(values))
+            put_defined(extras, f"{slot}_mean", defined_mean(values))
 
         questions_of = {slot.name: [entry.question] for entry in asked for slot in self.rubric.questions[entry.question].scores}
         by_question = {entry.question: entry.replies for entry in asked}
-        results: dict[str, _Component] = {}
+        results: dict[str, JudgeComponent] = {}
         values: dict[str, np.ndarray] = dict(slot_values)
         dists: dict[str, list[Discrete]] = dict(slot_dists)
         for name, component in self.rubric.components.items():
@@ -159,7 +159,7 @@ class RubricJudge(JudgeWorker):
                 values[name], variance = np.array([reduce_values(component.reduce, row) for row in stacked]), None
             questions_of[name] = list(dict.fromkeys(q for part in component.of for q in questions_of[part]))
             texts = [" | ".join(by_question[q][i] for q in questions_of[name]) for i in range(count)]
-            results[name] = _Component(values[name], variance, texts)
+            results[name] = JudgeComponent(values[name], variance, texts)
         return self._output(results, extras)
 
     def _distributions(self, asked: Sequence[_Asked]) -> tuple[dict[str, list[Discrete]], dict[str, np.ndarray]]:

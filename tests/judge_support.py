@@ -62,6 +62,18 @@ class Reference:
 
 
 
+
+def load_reference(model_dir: Path) -> Reference:
+    """The tiny judge loaded the plain way: AutoProcessor (the image-only processor registered)
+    and AutoModelForImageTextToText in float32."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from rewards.judges.backends import register_image_only_processor
+
+    register_image_only_processor()
+    return Reference(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(model_dir))
+
+
 @dataclass
 class JudgeServer:
     base_url: str  # the API root, ".../v1"

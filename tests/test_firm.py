@@ -23,13 +23,12 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from judge_support import JudgeServer, Reference, launch_judge_server, wait_until_up
+from judge_support import JudgeServer, Reference, launch_judge_server, load_reference, wait_until_up
 from models.fixtures.vlm_judge import build_tiny_qwen3_vl
 from rewards import build_worker
 from rewards.base import RewardBatch
 from rewards.firm import FirmEdit, FirmGen, JudgeSettings
 from rewards.images import fit_image
-from rewards.judges.backends import register_image_only_processor
 from rewards.judges.parse import distribution_from_logprobs, min_distribution, parse_score, parse_scores, score_moments
 
 TEMPLATES = ROOT / "rewards" / "templates"
@@ -199,14 +198,10 @@ def judge_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(judge_dir: Path) -> Reference:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    register_image_only_processor()
-    processor = AutoProcessor.from_pretrained(judge_dir)
+    reference = load_reference(judge_dir)
     # Without the registration AutoProcessor would build the stock processor, which needs torchvision.
-    assert type(processor).__name__ == "ImageOnlyQwen3VLProcessor"
-    model = AutoModelForImageTextToText.from_pretrained(judge_dir, dtype=torch.float32).eval()
-    return Reference(model, processor)
+    assert type(reference.processor).__name__ == "ImageOnlyQwen3VLProcessor"
+    return reference
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from judge_support import JudgeServer, Reference, launch_judge_server, wait_until_up
+from judge_support import JudgeServer, Reference, launch_judge_server, load_reference, wait_until_up
 from models.fixtures.vlm_judge import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
 from rewards import WORKERS, build_worker
 from rewards.base import RewardBatch
-from rewards.judges.backends import JudgeRequest, TransformersJudge, register_image_only_processor
+from rewards.judges.backends import JudgeRequest, TransformersJudge
 from rewards.judges.parse import number_distribution, score_distribution
 from rewards.judges.rubric import Discrete, load_rubric, read_slots, reduce_discrete
 from rewards.vlm_judge import RubricJudge
@@ -223,13 +222,6 @@ def edit_batch() -> RewardBatch:
     edited = rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
     sources = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((48, 48, 3), (40, 64, 3))]
     return RewardBatch(images=edited, prompts=[""] * 2, source_images=sources, instructions=list(INSTRUCTIONS))
-
-
-def load_reference(model_dir: Path) -> Reference:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    register_image_only_processor()
-    return Reference(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(model_dir))
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
